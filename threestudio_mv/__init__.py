@@ -1,0 +1,43 @@
+"""threestudio-mv: text-to-3D with multi-view diffusion.
+
+The registry maps a module's public name (used in configs, e.g. ``"implicit-volume"``) to its class.
+"""
+from typing import Callable, Dict, Type, TypeVar
+
+__version__ = "0.1.0"
+
+T = TypeVar("T")
+_REGISTRY: Dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[Type[T]], Type[T]]:
+    """Class decorator: make ``cls`` findable by ``name``."""
+
+    def decorator(cls: Type[T]) -> Type[T]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"module name '{name}' is registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def find(name: str) -> type:
+    """Return the class registered under ``name``; a UserError names the known modules otherwise."""
+    _import_builtin_modules()
+    if name not in _REGISTRY:
+        from threestudio_mv.utils.errors import UserError
+
+        raise UserError(f"unknown module type '{name}'; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def registered_names() -> list:
+    _import_builtin_modules()
+    return sorted(_REGISTRY)
+
+
+def _import_builtin_modules() -> None:
+    # Imported lazily so that `import threestudio_mv` stays light (no torch models built, no CUDA).
+    import threestudio_mv.models  # noqa: F401
+    import threestudio_mv.systems  # noqa: F401

@@ -1,0 +1,179 @@
+"""Camera math: the only place where camera conventions live (see DESIGN.md section 3).
+
+World: right-handed, z up. Camera: OpenGL axes (x right, y up, looking down -z). ``c2w`` is 4x4 with
+columns right, up, back (= -forward), position. Azimuth 0 deg views the object from +x, azimuth grows
+counter-clockwise seen from +z, elevation is positive above the equator. Angles are in degrees.
+Pixel (row i, column j) has its centre at (j + 0.5, i + 0.5); row 0 is the top of the image.
+"""
+import math
+from typing import Tuple, Union
+
+import torch
+from torch import Tensor
+
+Number = Union[float, Tensor]
+
+
+def _as_tensor(value: Number, like: Tensor = None) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.float()
+    device = like.device if like is not None else None
+    return torch.tensor(float(value), device=device)
+
+
+def spherical_to_position(elevation: Tensor, azimuth: Tensor, distance: Tensor) -> Tensor:
+    """(B,) degrees, degrees, units -> (B, 3) camera positions around the origin."""
+    elevation, azimuth = torch.deg2rad(elevation.float()), torch.deg2rad(azimuth.float())
+    return torch.stack(
+        [
+            distance * torch.cos(elevation) * torch.cos(azimuth),
+            distance * torch.cos(elevation) * torch.sin(azimuth),
+            distance * torch.sin(elevation),
+        ],
+        dim=-1,
+    )
+
+
+def look_at_c2w(position: Tensor, target: Tensor = None) -> Tensor:
+    """(B, 3) camera positions looking at ``target`` (default origin) with world up +z -> (B, 4, 4)."""
+    if target is None:
+        target = torch.zeros_like(position)
+    forward = torch.nn.functional.normalize(target - position, dim=-1)
+    world_up = torch.tensor([0.0, 0.0, 1.0], device=position.device).expand_as(forward)
+    right = torch.linalg.cross(forward, world_up, dim=-1)
+    # Straight above or below: any horizontal right vector will do; use +y.
+    degenerate = right.norm(dim=-1, keepdim=True) < 1e-6
+    right = torch.where(degenerate, torch.tensor([0.0, 1.0, 0.0], device=position.device), right)
+    right = torch.nn.functional.normalize(right, dim=-1)
+    up = torch.linalg.cross(right, forward, dim=-1)
+    c2w = torch.zeros(position.shape[0], 4, 4, device=position.device)
+    c2w[:, :3, 0], c2w[:, :3, 1], c2w[:, :3, 2], c2w[:, :3, 3] = right, up, -forward, position
+    c2w[:, 3, 3] = 1.0
+    return c2w
+
+
+def c2w_from_spherical(elevation: Tensor, azimuth: Tensor, distance: Tensor) -> Tensor:
+    """Cameras on a sphere looking at the origin: (B,) each -> (B, 4, 4)."""
+    return look_at_c2w(spherical_to_position(elevation, azimuth, distance))
+
+
+def focal_from_fovy(fovy: Tensor, height: int) -> Tensor:
+    """Focal length in pixels for a vertical field of view in degrees."""
+    return 0.5 * height / torch.tan(0.5 * torch.deg2rad(fovy.float()))
+
+
+def distance_for_fovy(relative_distance: Tensor, fovy: Tensor) -> Tensor:
+    """MVDream's ``relative_radius``: scale a distance by 1/tan(fovy/2) so framing is FOV-independent."""
+    return relative_distance / torch.tan(0.5 * torch.deg2rad(fovy.float()))
+
+
+def camera_ray_directions(height: int, width: int, fovy: Tensor) -> Tensor:
+    """Unnormalised camera-space ray directions through pixel centres: (B, H, W, 3)."""
+    fovy = fovy.reshape(-1).float()
+    focal = focal_from_fovy(fovy, height).view(-1, 1, 1)
+    rows, cols = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32, device=fovy.device) + 0.5,
+        torch.arange(width, dtype=torch.float32, device=fovy.device) + 0.5,
+        indexing="ij",
+    )
+    x = (cols - 0.5 * width) / focal
+    y = -(rows - 0.5 * height) / focal
+    return torch.stack([x, y, -torch.ones_like(x)], dim=-1)
+
+
+def get_rays(directions: Tensor, c2w: Tensor, normalize: bool = True) -> Tuple[Tensor, Tensor]:
+    """Camera-space directions (B, H, W, 3) and c2w (B, 4, 4) -> world rays_o, rays_d (B, H, W, 3)."""
+    rays_d = torch.einsum("bij,bhwj->bhwi", c2w[:, :3, :3], directions)
+    if normalize:
+        rays_d = torch.nn.functional.normalize(rays_d, dim=-1)
+    rays_o = c2w[:, None, None, :3, 3].expand_as(rays_d)
+    return rays_o, rays_d
+
+
+def projection_matrix(fovy: Tensor, aspect: float = 1.0, near: float = 0.01, far: float = 100.0) -> Tensor:
+    """OpenGL perspective projection: (B,) fovy degrees -> (B, 4, 4)."""
+    fovy = fovy.reshape(-1).float()
+    f = 1.0 / torch.tan(0.5 * torch.deg2rad(fovy))
+    proj = torch.zeros(fovy.shape[0], 4, 4, device=fovy.device)
+    proj[:, 0, 0] = f / aspect
+    proj[:, 1, 1] = f
+    proj[:, 2, 2] = -(far + near) / (far - near)
+    proj[:, 2, 3] = -2.0 * far * near / (far - near)
+    proj[:, 3, 2] = -1.0
+    return proj
+
+
+def mvp_matrix(c2w: Tensor, fovy: Tensor, aspect: float = 1.0) -> Tensor:
+    """World -> clip space: projection @ inverse(c2w), (B, 4, 4)."""
+    return projection_matrix(fovy, aspect) @ torch.linalg.inv(c2w)
+
+
+def project_points(points: Tensor, c2w: Tensor, fovy: Tensor, height: int, width: int) -> Tensor:
+    """World points (N, 3), one camera (4, 4) -> pixel coordinates (N, 2) as (column, row), and depth.
+
+    Returns (N, 3): column, row (continuous, pixel centres at +0.5) and depth along -z.
+    """
+    w2c = torch.linalg.inv(c2w)
+    cam = points @ w2c[:3, :3].T + w2c[:3, 3]
+    depth = -cam[:, 2]
+    focal = focal_from_fovy(_as_tensor(fovy), height)
+    col = cam[:, 0] / depth * focal + 0.5 * width
+    row = -cam[:, 1] / depth * focal + 0.5 * height
+    return torch.stack([col, row, depth], dim=-1)
+
+
+def view_azimuths(n_view: int, azimuth_start: Number = 0.0) -> Tensor:
+    """Azimuths of ``n_view`` views of one object, 360/n_view apart, starting at ``azimuth_start``."""
+    start = _as_tensor(azimuth_start)
+    return start + torch.arange(n_view, dtype=torch.float32) * (360.0 / n_view)
+
+
+def mvdream_camera_condition(c2w: Tensor) -> Tensor:
+    """MVDream's camera condition: translation scaled to unit length, 4x4 flattened to 16 numbers.
+
+    Works on a copy, never on the batch's tensor. Only rotation is seen (no FOV, no distance).
+    """
+    cond = c2w.clone().float()
+    translation = cond[:, :3, 3]
+    cond[:, :3, 3] = translation / translation.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return cond.reshape(-1, 16)
+
+
+def sample_view_groups(
+    n_groups: int,
+    n_view: int,
+    elevation_range: Tuple[float, float] = (0.0, 30.0),
+    fovy_range: Tuple[float, float] = (30.0, 50.0),
+    relative_distance_range: Tuple[float, float] = (0.85, 1.0),
+    relative_radius: bool = True,
+    generator: torch.Generator = None,
+) -> dict:
+    """Random cameras in groups of ``n_view`` views of one object (MVDream's training layout).
+
+    Per group: one elevation (uniform in the range), one fovy, one distance (scaled by 1/tan(fovy/2)
+    when ``relative_radius``, so the object fills the frame alike at any FOV) and a random start
+    azimuth; the group's views are 360/n_view degrees apart. Views of a group are contiguous.
+    Returns (B,) ``elevation``, ``azimuth`` (in [-180, 180)), ``camera_distances``, ``fovy`` and
+    (B, 4, 4) ``c2w``, with B = n_groups * n_view.
+    """
+
+    def uniform(low: float, high: float) -> Tensor:
+        return low + (high - low) * torch.rand(n_groups, generator=generator)
+
+    elevation = uniform(*elevation_range)
+    fovy = uniform(*fovy_range)
+    distance = uniform(*relative_distance_range)
+    if relative_radius:
+        distance = distance_for_fovy(distance, fovy)
+    start = uniform(-180.0, 180.0)
+    offsets = torch.arange(n_view, dtype=torch.float32) * (360.0 / n_view)
+    azimuth = (start[:, None] + offsets[None, :] + 180.0) % 360.0 - 180.0
+    per_view = lambda x: x[:, None].expand(n_groups, n_view).reshape(-1)  # noqa: E731
+    elevation, fovy, distance, azimuth = per_view(elevation), per_view(fovy), per_view(distance), azimuth.reshape(-1)
+    return {
+        "elevation": elevation,
+        "azimuth": azimuth,
+        "camera_distances": distance,
+        "fovy": fovy,
+        "c2w": c2w_from_spherical(elevation, azimuth, distance),
+    }
