@@ -1,0 +1,87 @@
+"""VolumeSystem: the shared machinery of systems that optimise a 3D volume.
+
+Builds geometry -> material -> background -> renderer from the config, renders validation grids and
+test turntables, and exports a textured mesh. Subclasses (reconstruction, mvdream, ...) only define
+``training_step``.
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+import threestudio_mv
+from threestudio_mv.systems.base import BaseSystem
+from threestudio_mv.utils.io import to_uint8
+
+# Renderer outputs shown in validation grids, in this order, when present.
+_GRID_KEYS = ("comp_rgb", "comp_normal", "opacity")
+
+
+class VolumeSystem(BaseSystem):
+    """Base of systems whose result is a rendered volume and an exported mesh."""
+
+    @dataclass
+    class Config(BaseSystem.Config):
+        geometry_type: str = "implicit-volume"
+        geometry: Dict[str, Any] = field(default_factory=dict)
+        material_type: str = "no-material"
+        material: Dict[str, Any] = field(default_factory=dict)
+        background_type: str = "solid-color"
+        background: Dict[str, Any] = field(default_factory=dict)
+        renderer_type: str = "nerf-volume-renderer"
+        renderer: Dict[str, Any] = field(default_factory=dict)
+        exporter_type: str = "mesh-exporter"
+        exporter: Dict[str, Any] = field(default_factory=dict)
+
+    def configure(self) -> None:
+        cfg = self.cfg
+        self.geometry = threestudio_mv.find(cfg.geometry_type)(cfg.geometry, prefix="system.geometry")
+        self.material = threestudio_mv.find(cfg.material_type)(cfg.material, prefix="system.material")
+        self.background = threestudio_mv.find(cfg.background_type)(cfg.background, prefix="system.background")
+        self.renderer = threestudio_mv.find(cfg.renderer_type)(
+            cfg.renderer,
+            prefix="system.renderer",
+            geometry=self.geometry,
+            material=self.material,
+            background=self.background,
+        )
+        self._test_frames: List[Any] = []
+
+    def forward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        return self.renderer(**batch)
+
+    # ----------------------------------------------------------------------------- evaluation
+    def _view_images(self, out: Dict[str, torch.Tensor], index: int, batch: Dict[str, Any]) -> List[Any]:
+        images = []
+        if "rgb" in batch:
+            images.append(batch["rgb"][index])
+        for key in _GRID_KEYS:
+            if key in out:
+                image = out[key][index]
+                images.append(image.expand(*image.shape[:-1], 3) if image.shape[-1] == 1 else image)
+        return images
+
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        out = self(batch)
+        rows = [self._view_images(out, i, batch) for i in range(out["comp_rgb"].shape[0])]
+        self.save_image_grid(f"it{self.true_global_step}-val-{batch_idx}.png", rows)
+
+    def test_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        out = self(batch)
+        for i in range(out["comp_rgb"].shape[0]):
+            frame = torch.cat(self._view_images(out, i, {}), dim=1)
+            self._test_frames.append(to_uint8(frame))
+
+    def on_test_epoch_end(self) -> None:
+        if self._test_frames:
+            step = self.true_global_step
+            self.save_image(f"it{step}-test-000.png", self._test_frames[0])
+            self.save_video(f"it{step}-test.mp4", self._test_frames, fps=30)
+        self._test_frames = []
+
+    def export(self) -> Dict[str, Path]:
+        exporter = threestudio_mv.find(self.cfg.exporter_type)(self.cfg.exporter, prefix="system.exporter")
+        out_dir = self.save_dir / f"it{self.true_global_step}-export"
+        with torch.no_grad():
+            return exporter(self.geometry, self.material, out_dir)
