@@ -200,8 +200,9 @@ def main(argv: List[str]) -> int:
 
     trial_dir = resolve_trial_dir(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = threestudio_mv.find(cfg.data_type)(cfg.data)
-    system = threestudio_mv.find(cfg.system_type)(cfg.system, trial_dir=str(trial_dir))
+    system_cls, data_cls = threestudio_mv.find(cfg.system_type), threestudio_mv.find(cfg.data_type)
+    datamodule = data_cls(cfg.data)
+    system = system_cls(cfg.system, trial_dir=str(trial_dir))
 
     is_rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
     if is_rank_zero and args.train:

@@ -37,7 +37,25 @@ def registered_names() -> list:
     return sorted(_REGISTRY)
 
 
+_BUILTIN_PACKAGES = ("threestudio_mv.data", "threestudio_mv.models", "threestudio_mv.systems")
+_imported = False
+
+
 def _import_builtin_modules() -> None:
-    # Imported lazily so that `import threestudio_mv` stays light (no torch models built, no CUDA).
-    import threestudio_mv.models  # noqa: F401
-    import threestudio_mv.systems  # noqa: F401
+    """Import every built-in module once so that its @register runs.
+
+    Done lazily (at the first find) so that `import threestudio_mv` stays light; CLI entry points
+    (`__main__` modules) are skipped.
+    """
+    global _imported
+    if _imported:
+        return
+    import importlib
+    import pkgutil
+
+    for package_name in _BUILTIN_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.walk_packages(package.__path__, prefix=package_name + "."):
+            if not info.name.endswith("__main__"):
+                importlib.import_module(info.name)
+    _imported = True

@@ -1,6 +1,1 @@
-"""Importing this package registers every built-in module (geometry, renderers, guidance, ...)."""
-import importlib
-import pkgutil
-
-for _info in pkgutil.walk_packages(__path__, prefix=__name__ + "."):
-    importlib.import_module(_info.name)
+"""Registered modules are imported by threestudio_mv.find()."""

@@ -177,3 +177,29 @@ def sample_view_groups(
         "fovy": fovy,
         "c2w": c2w_from_spherical(elevation, azimuth, distance),
     }
+
+
+def view_group(
+    n_view: int,
+    elevation: float = 15.0,
+    azimuth_start: float = 0.0,
+    fovy: float = 40.0,
+    relative_distance: float = 0.92,
+) -> dict:
+    """One object's ``n_view`` views 360/n_view apart at a fixed elevation and FOV (sampling, eval).
+
+    The distance is ``relative_distance / tan(fovy / 2)`` as in :func:`sample_view_groups`, so the
+    object is framed as in training. Returns (n_view,) ``elevation``, ``azimuth``,
+    ``camera_distances``, ``fovy`` and (n_view, 4, 4) ``c2w``.
+    """
+    azimuth = view_azimuths(n_view, azimuth_start)
+    elevations = torch.full((n_view,), float(elevation))
+    fovys = torch.full((n_view,), float(fovy))
+    distances = distance_for_fovy(torch.full((n_view,), float(relative_distance)), fovys)
+    return {
+        "elevation": elevations,
+        "azimuth": azimuth,
+        "camera_distances": distances,
+        "fovy": fovys,
+        "c2w": c2w_from_spherical(elevations, azimuth, distances),
+    }

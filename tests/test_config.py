@@ -1,0 +1,54 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from threestudio_mv.utils.config import C, Schedule, parse_structured, schedule
+from threestudio_mv.utils.errors import UserError
+
+
+@dataclass
+class Inner:
+    steps: int = 10
+    lr: float = 0.1
+    weight: Schedule = schedule([0, 1.0, 0.0, 100])
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_defaults_and_overrides():
+    cfg = parse_structured(Outer, {"inner": {"lr": 1, "weight": 0.5}})
+    assert cfg.inner.lr == 1.0 and isinstance(cfg.inner.lr, float)
+    assert cfg.inner.weight == 0.5 and cfg.inner.steps == 10
+
+
+def test_unknown_key_names_key_and_valid_keys():
+    with pytest.raises(UserError) as error:
+        parse_structured(Outer, {"inner": {"stepz": 3}}, prefix="system")
+    message = str(error.value)
+    assert "system.inner.stepz" in message and "steps" in message and "\n" not in message
+
+
+def test_wrong_type_names_key_expected_and_given():
+    with pytest.raises(UserError) as error:
+        parse_structured(Outer, {"inner": {"steps": "many"}})
+    message = str(error.value)
+    assert "inner.steps" in message and "many" in message and "Integer" in message
+
+
+def test_schedule_fields_are_checked():
+    with pytest.raises(UserError, match="inner.weight"):
+        parse_structured(Outer, {"inner": {"weight": "high"}})
+    with pytest.raises(UserError, match="inner.weight"):
+        parse_structured(Outer, {"inner": {"weight": [1, 2]}})
+
+
+def test_schedule_values():
+    assert C(0.3, 500) == 0.3
+    assert C([0, 1.0, 0.0, 100], 50) == pytest.approx(0.5)
+    assert C([0, 1.0, 0.0, 100], 1000) == pytest.approx(0.0)
+    assert C([10, 2.0, 4.0, 20], 0) == pytest.approx(2.0)
+    assert C([2.0, 4.0, 20], 10) == pytest.approx(3.0)

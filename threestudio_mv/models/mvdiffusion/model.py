@@ -1,0 +1,265 @@
+"""The multi-view diffusion model: UNet (+ optional VAE) + noise schedule + text-encoder spec.
+
+A model is one folder in diffusers' layout::
+
+    model_index.json                 class, components and metadata (image size, views, suffix, ...)
+    unet/config.json, unet/diffusion_pytorch_model.safetensors
+    scheduler/scheduler_config.json
+    vae/...                          latent-space models only
+    text_encoder/spec.json           which encoder the model was trained with
+    text_encoder/model.safetensors   learned encoders only
+"""
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from threestudio_mv.models.mvdiffusion.unet import CAMERA_DIM, build_unet, install_multiview_attention
+from threestudio_mv.models.prompt_processors.text_encoders import TextEncoder, build_text_encoder
+from threestudio_mv.utils.errors import UserError
+
+PathLike = Union[str, os.PathLike]
+#: The small model trained on the procedural dataset and shipped with the package.
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "assets" / "mvdream-tiny"
+MODEL_INDEX = "model_index.json"
+TEXT_ENCODER_SPEC = "text_encoder/spec.json"
+TEXT_ENCODER_WEIGHTS = "text_encoder/model.safetensors"
+LATENT_SCALE = 0.18215  # Stable Diffusion's VAE latent scale
+CAMERA_CONVENTION = (
+    "z-up world, OpenGL camera; c2w columns right, up, back, position; condition = c2w with unit-length "
+    "translation flattened to 16 (threestudio_mv.utils.camera.mvdream_camera_condition); no camera = zeros"
+)
+
+
+def sd_scheduler_config() -> Dict[str, Any]:
+    """Stable Diffusion's noise schedule: scaled_linear 0.00085..0.012, 1000 steps, epsilon."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
+
+
+@dataclasses.dataclass
+class ModelMetadata:
+    """What a user of the model needs to know besides the weights."""
+
+    image_size: int = 32  # pixels per view side
+    n_view: int = 4  # views per object the model was trained with
+    prompt_suffix: str = ""  # appended to every prompt (MVDream: ", 3d asset")
+    latent: bool = False  # True: works on SD-VAE latents; False: on pixels in [-1, 1]
+    camera_convention: str = CAMERA_CONVENTION
+    # Cameras the training renders used, so samplers can frame the object the same way.
+    default_fovy: float = 40.0
+    default_elevation: float = 15.0
+    relative_distance: float = 0.92  # distance = relative_distance / tan(fovy / 2)
+    guidance_scale: float = 5.0
+    num_inference_steps: int = 50
+    description: str = ""
+
+
+class MultiViewDiffusionModel(nn.Module):
+    """UNet with multi-view attention and camera embedding, an optional VAE, the noise schedule,
+    the text encoder spec (and a learned encoder's weights) and :class:`ModelMetadata`."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        scheduler_config: Dict[str, Any],
+        text_encoder_spec: Dict[str, Any],
+        metadata: ModelMetadata,
+        vae: Optional[AutoencoderKL] = None,
+        text_encoder: Optional[TextEncoder] = None,
+    ) -> None:
+        super().__init__()
+        if metadata.latent != (vae is not None):
+            raise ValueError("metadata.latent must be True exactly when a VAE is given")
+        self.unet = install_multiview_attention(unet)
+        self.vae = vae.requires_grad_(False) if vae is not None else None
+        self.scheduler_config = dict(scheduler_config)
+        self.text_encoder_spec = dict(text_encoder_spec)
+        self.metadata = metadata
+        # Only trainable (learned) encoders live inside the model; frozen ones are built on demand.
+        self.text_encoder = text_encoder if text_encoder is not None and text_encoder.trainable else None
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        unet_config: Dict[str, Any],
+        text_encoder_spec: Dict[str, Any],
+        metadata: Optional[ModelMetadata] = None,
+        vae: Optional[AutoencoderKL] = None,
+        scheduler_config: Optional[Dict[str, Any]] = None,
+    ) -> "MultiViewDiffusionModel":
+        """A randomly initialised model (a learned text encoder is built from its spec)."""
+        metadata = metadata or ModelMetadata(latent=vae is not None)
+        text_encoder = build_text_encoder(text_encoder_spec) if text_encoder_spec.get("type") == "learned" else None
+        return cls(
+            build_unet(unet_config),
+            scheduler_config or sd_scheduler_config(),
+            text_encoder_spec,
+            metadata,
+            vae=vae,
+            text_encoder=text_encoder,
+        )
+
+    def build_text_encoder(self) -> TextEncoder:
+        """The model's text encoder (the learned one it holds, or a fresh frozen one from the spec)."""
+        if self.text_encoder is not None:
+            return self.text_encoder
+        return build_text_encoder(self.text_encoder_spec)
+
+    def noise_scheduler(self) -> DDPMScheduler:
+        """The training noise schedule (diffusers DDPMScheduler)."""
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+    def ddim_scheduler(self) -> DDIMScheduler:
+        """A DDIM sampler on the same schedule."""
+        return DDIMScheduler.from_config(self.scheduler_config)
+
+    # -- running -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def sample_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def sample_size(self) -> int:
+        """Side of the UNet's input (pixels, or latents for latent models)."""
+        if self.vae is None:
+            return self.metadata.image_size
+        return self.metadata.image_size // (2 ** (len(self.vae.config.block_out_channels) - 1))
+
+    def predict_noise(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        camera: Optional[torch.Tensor],
+        num_views: int,
+    ) -> torch.Tensor:
+        """Epsilon for ``sample`` (B*F, C, h, w) at ``timestep`` (scalar or (B*F,)).
+
+        ``text_embeddings`` (B*F, L, D); ``camera`` (B*F, 16) MVDream camera conditions or None (no
+        camera: zeros, as for single images); views of one object are contiguous, F = ``num_views``.
+        """
+        if sample.shape[0] % num_views != 0:
+            raise ValueError(f"batch {sample.shape[0]} is not a multiple of num_views={num_views}")
+        if camera is None:
+            camera = sample.new_zeros(sample.shape[0], CAMERA_DIM)
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=text_embeddings.to(sample.dtype),
+            class_labels=camera.to(sample.dtype),
+            cross_attention_kwargs={"num_views": num_views},
+        ).sample
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> UNet samples (pixels as they are, or scaled VAE latents)."""
+        if self.vae is None:
+            return images
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample() * LATENT_SCALE
+
+    def decode_samples(self, samples: torch.Tensor) -> torch.Tensor:
+        """UNet samples -> images (B, 3, H, W) in [-1, 1]."""
+        if self.vae is None:
+            return samples
+        return self.vae.decode(samples.to(self.vae.dtype) / LATENT_SCALE).sample
+
+    # -- folders -------------------------------------------------------------------------------
+    def save_pretrained(self, directory: PathLike) -> Path:
+        """Write the model folder atomically (a temporary folder renamed into place)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            DDPMScheduler.from_config(self.scheduler_config).save_pretrained(tmp / "scheduler")
+            if self.vae is not None:
+                self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            (tmp / "text_encoder").mkdir()
+            (tmp / TEXT_ENCODER_SPEC).write_text(json.dumps(self.text_encoder_spec, indent=2) + "\n")
+            if self.text_encoder is not None:
+                state = {key: value.detach().cpu().contiguous() for key, value in self.text_encoder.state_dict().items()}
+                save_file(state, str(tmp / TEXT_ENCODER_WEIGHTS))
+            index = {
+                "_class_name": type(self).__name__,
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "vae": ["diffusers", "AutoencoderKL"] if self.vae is not None else [None, None],
+                "text_encoder": self.text_encoder_spec.get("type"),
+                "metadata": dataclasses.asdict(self.metadata),
+            }
+            (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            _replace_directory(tmp, directory)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: Optional[PathLike] = None) -> "MultiViewDiffusionModel":
+        """Load a model folder (default: the bundled model). A UserError names what is missing."""
+        directory = Path(directory).expanduser() if directory is not None else DEFAULT_MODEL_PATH
+        check_model_folder(directory)
+        index = json.loads((directory / MODEL_INDEX).read_text())
+        known = {f.name for f in dataclasses.fields(ModelMetadata)}
+        metadata = ModelMetadata(**{k: v for k, v in index.get("metadata", {}).items() if k in known})
+        unet = UNet2DConditionModel.from_pretrained(str(directory / "unet"), low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(str(directory / "vae"), low_cpu_mem_usage=False) if metadata.latent else None
+        scheduler_config = dict(DDPMScheduler.load_config(str(directory / "scheduler")))
+        spec = json.loads((directory / TEXT_ENCODER_SPEC).read_text())
+        text_encoder = None
+        if spec.get("type") == "learned":
+            text_encoder = build_text_encoder(spec, load_file(str(directory / TEXT_ENCODER_WEIGHTS)))
+        model = cls(unet, scheduler_config, spec, metadata, vae=vae, text_encoder=text_encoder)
+        return model.eval()
+
+
+def check_model_folder(directory: Path) -> None:
+    """Raise a UserError naming ``directory`` and the first missing file of the model layout."""
+    if not directory.is_dir():
+        raise UserError(f"model folder '{directory}' does not exist; pass --model/pretrained_model_name_or_path pointing at a model folder")
+    required = [MODEL_INDEX, "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", TEXT_ENCODER_SPEC]
+    missing = [name for name in required if not (directory / name).is_file()]
+    if not missing:
+        try:
+            index = json.loads((directory / MODEL_INDEX).read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"model folder '{directory}': {MODEL_INDEX} is not valid JSON ({error})") from None
+        if index.get("metadata", {}).get("latent"):
+            missing = [name for name in ("vae/config.json",) if not (directory / name).is_file()]
+        spec = json.loads((directory / TEXT_ENCODER_SPEC).read_text())
+        if spec.get("type") == "learned" and not (directory / TEXT_ENCODER_WEIGHTS).is_file():
+            missing.append(TEXT_ENCODER_WEIGHTS)
+    if missing:
+        raise UserError(f"model folder '{directory}' is not a multi-view diffusion model: missing {', '.join(missing)}")
+
+
+def _replace_directory(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target``, replacing an existing folder with as short a gap as possible."""
+    if not target.exists():
+        os.replace(source, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.replace(target, old / target.name)
+    os.replace(source, target)
+    shutil.rmtree(old)

@@ -1,0 +1,44 @@
+"""Sampling multi-view images: DDIM (eta 0) with classifier-free guidance through the shared helper."""
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from threestudio_mv.models.guidance.cfg import predict_noise_with_cfg
+from threestudio_mv.models.mvdiffusion.model import MultiViewDiffusionModel
+from threestudio_mv.utils.camera import mvdream_camera_condition
+
+
+@torch.no_grad()
+def sample_multiview(
+    model: MultiViewDiffusionModel,
+    cond_embeddings: torch.Tensor,
+    uncond_embeddings: torch.Tensor,
+    c2w: torch.Tensor,
+    num_views: int,
+    guidance_scale: float = 5.0,
+    num_inference_steps: int = 50,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Generate images for G objects x ``num_views`` cameras.
+
+    ``cond_embeddings`` (G*F, L, D) or (1, L, D); ``uncond_embeddings`` likewise; ``c2w`` (G*F, 4, 4)
+    in our camera convention, views of one object contiguous. ``generator`` (a CPU generator) makes
+    the initial noise reproducible on any device. Returns images (G*F, 3, H, W) in [0, 1].
+    """
+    device = model.device
+    batch = c2w.shape[0]
+    camera = mvdream_camera_condition(c2w).to(device)
+    scheduler = model.ddim_scheduler()
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    shape = (batch, model.sample_channels, model.sample_size, model.sample_size)
+    sample = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
+    for timestep in tqdm(scheduler.timesteps, total=len(scheduler.timesteps), desc="DDIM", disable=not progress):
+        eps, _, _ = predict_noise_with_cfg(
+            model, sample, timestep, cond_embeddings.to(device), uncond_embeddings.to(device),
+            camera, num_views, guidance_scale,
+        )
+        sample = scheduler.step(eps, timestep, sample, eta=0.0).prev_sample
+    images = model.decode_samples(sample)
+    return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
