@@ -12,12 +12,7 @@ import torch.nn.functional as F
 from threestudio_mv import register
 from threestudio_mv.systems.volume_system import VolumeSystem
 from threestudio_mv.utils.config import C, Schedule, schedule
-
-
-def binary_entropy(opacity: torch.Tensor) -> torch.Tensor:
-    """Mean binary entropy of opacities: pushes them toward 0 or 1 (no semi-transparent haze)."""
-    p = opacity.clamp(1e-4, 1 - 1e-4)
-    return (-(p * torch.log(p) + (1 - p) * torch.log(1 - p))).mean()
+from threestudio_mv.utils.losses import binary_entropy
 
 
 @register("reconstruction-system")

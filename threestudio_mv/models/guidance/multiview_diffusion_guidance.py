@@ -1,0 +1,147 @@
+"""Guidance `multiview-diffusion-guidance`: multi-view SDS and x0-SDS with an MVDream-style model.
+
+Per call: renders (B, H, W, 3) in [0, 1] -> model input (resized; VAE-encoded with gradient for latent
+models) -> one timestep shared by the whole batch -> noise -> ONE CFG UNet call (shared helper) ->
+loss whose gradient w.r.t. the model input is the SDS / x0-SDS gradient.
+
+The diffusion model is held outside any nn.Module tree, so its weights never enter a trial checkpoint.
+"""
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from threestudio_mv import register
+from threestudio_mv.models.guidance.cfg import predict_noise_with_cfg
+from threestudio_mv.utils.base import Updateable
+from threestudio_mv.utils.camera import mvdream_camera_condition
+from threestudio_mv.utils.config import C, Schedule, parse_structured, schedule
+from threestudio_mv.utils.errors import UserError
+
+WEIGHTINGS = ("sds", "uniform", "inverse_snr")
+
+
+def sds_weight(alphas_cumprod_t: torch.Tensor, weighting: str) -> torch.Tensor:
+    """w(t) of the SDS gradient w(t)(eps_hat - eps): ``sds`` = 1 - alpha_bar (DreamFusion, threestudio),
+    ``uniform`` = 1, ``inverse_snr`` = sigma/alpha (what x0-SDS without rescale amounts to)."""
+    if weighting == "sds":
+        return 1.0 - alphas_cumprod_t
+    if weighting == "uniform":
+        return torch.ones_like(alphas_cumprod_t)
+    if weighting == "inverse_snr":
+        return ((1.0 - alphas_cumprod_t) / alphas_cumprod_t).sqrt()
+    raise UserError(f"config key 'system.guidance.weighting': unknown '{weighting}'; use one of {', '.join(WEIGHTINGS)}")
+
+
+def rescale_x0_per_group(x0_cfg: torch.Tensor, x0_cond: torch.Tensor, n_view: int, rescale: float) -> torch.Tensor:
+    """MVDream's CFG rescale on x0, per object group of ``n_view`` views:
+    phi_g = std(x0_cond_g) / std(x0_cfg_g);  x0 <- r * phi_g * x0_cfg + (1 - r) * x0_cfg."""
+    groups = x0_cfg.shape[0] // n_view
+    std_cfg = x0_cfg.reshape(groups, -1).std(dim=1) + 1e-8
+    std_cond = x0_cond.reshape(groups, -1).std(dim=1) + 1e-8
+    factor = (std_cond / std_cfg).repeat_interleave(n_view).view(-1, *([1] * (x0_cfg.ndim - 1)))
+    return rescale * factor * x0_cfg + (1.0 - rescale) * x0_cfg
+
+
+@register("multiview-diffusion-guidance")
+class MultiviewDiffusionGuidance(Updateable):
+    """Score distillation from a multi-view diffusion model folder (default: the bundled one)."""
+
+    @dataclass
+    class Config:
+        model: str = ""  # model folder; empty = the bundled model
+        guidance_scale: Schedule = schedule(5.0)
+        recon_loss: bool = True  # x0-SDS (MVDream's reconstruction loss); False = plain SDS
+        recon_std_rescale: float = 0.5
+        weighting: str = "sds"  # SDS only: sds | uniform | inverse_snr
+        min_step_percent: Schedule = schedule([0, 0.98, 0.02, 400])
+        max_step_percent: Schedule = schedule([0, 0.98, 0.5, 400])
+        grad_clip: Optional[Any] = None  # None, a number or a schedule: clamp of the per-element gradient
+
+    def __init__(self, cfg: Optional[Any] = None, prefix: str = "system.guidance") -> None:
+        self.cfg = cfg if isinstance(cfg, self.Config) else parse_structured(self.Config, cfg, prefix)
+        if self.cfg.weighting not in WEIGHTINGS:
+            raise UserError(f"config key '{prefix}.weighting': unknown '{self.cfg.weighting}'; use one of {', '.join(WEIGHTINGS)}")
+        from threestudio_mv.models.mvdiffusion.model import MultiViewDiffusionModel
+
+        self.model = MultiViewDiffusionModel.from_pretrained(self.cfg.model or None).requires_grad_(False).eval()
+        self.alphas_cumprod = self.model.noise_scheduler().alphas_cumprod.float()
+        self.num_train_timesteps = int(self.alphas_cumprod.shape[0])
+        self.on_update_step(0, 0)
+
+    @property
+    def image_size(self) -> int:
+        return self.model.metadata.image_size
+
+    def on_update_step(self, epoch: int, global_step: int) -> None:
+        self.global_step = global_step
+        self.min_step = round(self.num_train_timesteps * C(self.cfg.min_step_percent, global_step))
+        self.max_step = round(self.num_train_timesteps * C(self.cfg.max_step_percent, global_step))
+        last = self.num_train_timesteps - 1
+        self.min_step, self.max_step = sorted((min(max(self.min_step, 0), last), min(max(self.max_step, 0), last)))
+
+    def to_model_input(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Renders (B, H, W, 3) in [0, 1] -> model samples (B, C, h, w), differentiable."""
+        images = rgb.permute(0, 3, 1, 2) * 2.0 - 1.0
+        size = self.image_size
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, (size, size), mode="bilinear", align_corners=False, antialias=True)
+        return self.model.encode_images(images)
+
+    def __call__(
+        self,
+        rgb: torch.Tensor,
+        cond_embeddings: torch.Tensor,
+        uncond_embeddings: torch.Tensor,
+        c2w: torch.Tensor,
+        n_view: int,
+        timestep: Optional[int] = None,
+        noise: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Loss for renders ``rgb`` (B, H, W, 3) of B/n_view objects seen by cameras ``c2w`` (B, 4, 4).
+
+        Returns ``loss_sds`` (whose gradient w.r.t. the model input is the (x0-)SDS gradient divided
+        by B), ``grad_norm``, ``timestep``, ``min_step``, ``max_step``.
+        """
+        if rgb.shape[0] % n_view != 0:
+            raise ValueError(f"batch of {rgb.shape[0]} renders is not a whole number of {n_view}-view groups")
+        if self.model.device != rgb.device:
+            self.model.to(rgb.device)
+            self.alphas_cumprod = self.alphas_cumprod.to(rgb.device)
+        batch = rgb.shape[0]
+        latents = self.to_model_input(rgb)
+        if timestep is None:
+            timestep = int(torch.randint(self.min_step, self.max_step + 1, (1,)).item())
+        t = torch.full((batch,), timestep, device=rgb.device, dtype=torch.long)
+        if noise is None:
+            noise = torch.randn_like(latents)
+        alpha_bar = self.alphas_cumprod[timestep]
+        with torch.no_grad():
+            noisy = alpha_bar.sqrt() * latents + (1.0 - alpha_bar).sqrt() * noise
+            camera = mvdream_camera_condition(c2w).to(rgb.device)
+            eps_cfg, eps_cond, _ = predict_noise_with_cfg(
+                self.model, noisy, t, cond_embeddings, uncond_embeddings, camera, n_view,
+                C(self.cfg.guidance_scale, self.global_step),
+            )
+            if self.cfg.recon_loss:
+                x0_cfg = (noisy - (1.0 - alpha_bar).sqrt() * eps_cfg) / alpha_bar.sqrt()
+                if self.cfg.recon_std_rescale > 0:
+                    x0_cond = (noisy - (1.0 - alpha_bar).sqrt() * eps_cond) / alpha_bar.sqrt()
+                    x0_cfg = rescale_x0_per_group(x0_cfg, x0_cond, n_view, self.cfg.recon_std_rescale)
+                grad = latents.detach() - x0_cfg
+            else:
+                grad = sds_weight(alpha_bar, self.cfg.weighting) * (eps_cfg - noise)
+            grad = torch.nan_to_num(grad)
+            if self.cfg.grad_clip is not None:
+                clip = C(self.cfg.grad_clip, self.global_step)
+                grad = grad.clamp(-clip, clip)
+        target = (latents - grad).detach()
+        loss = 0.5 * F.mse_loss(latents, target, reduction="sum") / batch
+        return {
+            "loss_sds": loss,
+            "grad_norm": grad.norm(),
+            "timestep": torch.tensor(timestep),
+            "min_step": torch.tensor(self.min_step),
+            "max_step": torch.tensor(self.max_step),
+        }
