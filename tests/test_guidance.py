@@ -44,7 +44,7 @@ def grad_wrt_input(guidance, rgb, cond, uncond, c2w, timestep, noise):
 
 
 def test_sds_gradient_is_weighted_noise_residual(tiny_model_dir):
-    guidance = MultiviewDiffusionGuidance({"model": str(tiny_model_dir), "recon_loss": False, "weighting": "sds", "guidance_scale": 7.0})
+    guidance = MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "recon_loss": False, "weighting": "sds", "guidance_scale": 7.0})
     rgb, cond, uncond, c2w = make_inputs(guidance)
     latents_shape = guidance.to_model_input(rgb).shape
     noise = torch.randn(latents_shape, generator=torch.Generator().manual_seed(3))
@@ -60,7 +60,7 @@ def test_sds_gradient_is_weighted_noise_residual(tiny_model_dir):
 
 
 def test_x0_loss_gradient_uses_rescaled_x0(tiny_model_dir):
-    guidance = MultiviewDiffusionGuidance({"model": str(tiny_model_dir), "recon_loss": True, "recon_std_rescale": 0.5, "guidance_scale": 5.0})
+    guidance = MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "recon_loss": True, "recon_std_rescale": 0.5, "guidance_scale": 5.0})
     rgb, cond, uncond, c2w = make_inputs(guidance)
     noise = torch.randn(guidance.to_model_input(rgb).shape, generator=torch.Generator().manual_seed(4))
     latents, _ = grad_wrt_input(guidance, rgb, cond, uncond, c2w, 300, noise)
@@ -89,22 +89,22 @@ def test_weightings_and_timestep_annealing(tiny_model_dir):
     assert sds_weight(alpha_bar, "sds") == pytest.approx(0.75)
     assert sds_weight(alpha_bar, "uniform") == pytest.approx(1.0)
     assert sds_weight(alpha_bar, "inverse_snr") == pytest.approx(3.0 ** 0.5)
-    guidance = MultiviewDiffusionGuidance({"model": str(tiny_model_dir), "min_step_percent": [0, 0.9, 0.1, 100], "max_step_percent": [0, 0.9, 0.5, 100]})
+    guidance = MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "min_step_percent": [0, 0.9, 0.1, 100], "max_step_percent": [0, 0.9, 0.5, 100]})
     assert guidance.min_step == guidance.max_step == 900
     guidance.update_step(0, 100)
     assert (guidance.min_step, guidance.max_step) == (100, 500)
     with pytest.raises(UserError, match="weighting"):
-        MultiviewDiffusionGuidance({"model": str(tiny_model_dir), "weighting": "bogus"})
+        MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "weighting": "bogus"})
 
 
 def test_grad_clip_applies(tiny_model_dir):
-    guidance = MultiviewDiffusionGuidance({"model": str(tiny_model_dir), "recon_loss": False, "weighting": "uniform", "grad_clip": 0.01})
+    guidance = MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "recon_loss": False, "weighting": "uniform", "grad_clip": 0.01})
     rgb, cond, uncond, c2w = make_inputs(guidance)
     latents, _ = grad_wrt_input(guidance, rgb, cond, uncond, c2w, 800, None)
     assert latents.grad.abs().max() <= 0.01 / 8 + 1e-7
 
 
 def test_guidance_weights_stay_out_of_module_trees(tiny_model_dir):
-    guidance = MultiviewDiffusionGuidance({"model": str(tiny_model_dir)})
+    guidance = MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir)})
     assert not isinstance(guidance, torch.nn.Module)
     assert all(not p.requires_grad for p in guidance.model.parameters())

@@ -35,15 +35,18 @@ class MVDreamSystem(VolumeSystem):
         super().configure()
         # Guidance is not an nn.Module child: its weights never enter a checkpoint.
         self.guidance = threestudio_mv.find(self.cfg.guidance_type)(self.cfg.guidance, prefix="system.guidance")
+        prompt_cfg = dict(self.cfg.prompt_processor)
+        # The prompt must be encoded by the guidance model's own text encoder.
+        prompt_cfg.setdefault("pretrained_model_name_or_path", self.guidance.cfg.pretrained_model_name_or_path)
         self.prompt_processor = threestudio_mv.find(self.cfg.prompt_processor_type)(
-            self.cfg.prompt_processor, prefix="system.prompt_processor", model=self.guidance.model
+            prompt_cfg, prefix="system.prompt_processor"
         )
         self._updateable_children = [self.guidance]
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch)
-        cond, uncond = self.prompt_processor.embeddings()
-        guidance_out = self.guidance(out["comp_rgb"], cond, uncond, batch["c2w"], int(batch["n_view"]))
+        prompt = self.prompt_processor()
+        guidance_out = self.guidance(out["comp_rgb"], prompt.cond, prompt.uncond, batch["c2w"], int(batch["n_view"]))
         step = self.true_global_step
         terms = {"sds": (self.cfg.lambda_sds, lambda: guidance_out["loss_sds"])}
         terms["sparsity"] = (self.cfg.lambda_sparsity, lambda: losses.sparsity(out["opacity"]))

@@ -50,7 +50,7 @@ class MultiviewDiffusionGuidance(Updateable):
 
     @dataclass
     class Config:
-        model: str = ""  # model folder; empty = the bundled model
+        pretrained_model_name_or_path: Optional[str] = None  # model folder; None = the bundled model
         guidance_scale: Schedule = schedule(5.0)
         recon_loss: bool = True  # x0-SDS (MVDream's reconstruction loss); False = plain SDS
         recon_std_rescale: float = 0.5
@@ -65,7 +65,7 @@ class MultiviewDiffusionGuidance(Updateable):
             raise UserError(f"config key '{prefix}.weighting': unknown '{self.cfg.weighting}'; use one of {', '.join(WEIGHTINGS)}")
         from threestudio_mv.models.mvdiffusion.model import MultiViewDiffusionModel
 
-        self.model = MultiViewDiffusionModel.from_pretrained(self.cfg.model or None).requires_grad_(False).eval()
+        self.model = MultiViewDiffusionModel.from_pretrained(self.cfg.pretrained_model_name_or_path).requires_grad_(False).eval()
         self.alphas_cumprod = self.model.noise_scheduler().alphas_cumprod.float()
         self.num_train_timesteps = int(self.alphas_cumprod.shape[0])
         self.on_update_step(0, 0)

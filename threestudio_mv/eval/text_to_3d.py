@@ -1,0 +1,174 @@
+"""Evaluate text-to-3D against the procedural ground truth.
+
+    python -m threestudio_mv.eval.text_to_3d --configs configs/mvdream.yaml configs/mvdream-sds.yaml \
+        --split heldout --num 10 --out outputs/eval-t23d [key=value overrides for every run]
+
+For each caption and config: runs ``launch.py --train --export --test``, loads the exported mesh and
+compares it with the asset's ground-truth mesh: volumetric IoU, Chamfer-L1 (units of the GT
+bounding-box diagonal), mean surface colour error (CIELAB delta-E) and, for assets with a front,
+the front score (below). Prints a JSON summary and writes ``results.json`` and ``table.md``.
+
+Front score (Janus check): coloured Chamfer distance d(A, B) between surface samples (xyz plus 0.25 x
+RGB). With R the half-turn about z, front = (d(R pred, gt) - d(pred, gt)) / d(R gt, gt). 1 = the
+front is where it should be; ~0 = front and back look alike (a multi-face result); < 0 = turned
+around. Only assets whose own half-turn is clearly different (d(R gt, gt) > 0.03 of the diagonal)
+are scored; a result counts as single-faced when its score is > 0.5.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import trimesh
+from scipy.spatial import cKDTree
+
+from threestudio_mv.eval.metrics import chamfer_l1, mesh_from_export, sample_coloured_surface, surface_colour_error, volumetric_iou
+from threestudio_mv.utils.errors import UserError, exit_on_user_error
+from threestudio_mv.utils.io import save_json
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COLOUR_WEIGHT = 0.25
+FRONT_ASYMMETRY_MIN = 0.03
+HALF_TURN = trimesh.transformations.rotation_matrix(np.pi, [0, 0, 1])
+
+
+def coloured_chamfer(a: trimesh.Trimesh, b: trimesh.Trimesh, n_points: int = 8000, seed: int = 0) -> float:
+    """Symmetric Chamfer distance of (xyz, 0.25 rgb) samples, in units of ``b``'s bbox diagonal."""
+    pa, ca = sample_coloured_surface(a, n_points, seed)
+    pb, cb = sample_coloured_surface(b, n_points, seed + 1)
+    diagonal = float(np.linalg.norm(b.bounds[1] - b.bounds[0]))
+    xa = np.concatenate([pa / diagonal, COLOUR_WEIGHT * ca], axis=1)
+    xb = np.concatenate([pb / diagonal, COLOUR_WEIGHT * cb], axis=1)
+    return float(0.5 * (cKDTree(xb).query(xa)[0].mean() + cKDTree(xa).query(xb)[0].mean()))
+
+
+def half_turned(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    turned = mesh.copy()
+    turned.apply_transform(HALF_TURN)
+    return turned
+
+
+def front_score(pred: trimesh.Trimesh, gt: trimesh.Trimesh) -> Optional[float]:
+    """See the module docstring; None when the asset has no distinct front."""
+    asymmetry = coloured_chamfer(half_turned(gt), gt)
+    if asymmetry < FRONT_ASYMMETRY_MIN:
+        return None
+    return (coloured_chamfer(half_turned(pred), gt) - coloured_chamfer(pred, gt)) / asymmetry
+
+
+def mesh_metrics(pred: trimesh.Trimesh, caption: str) -> Dict[str, Any]:
+    """All metrics of one exported mesh against the ground truth of ``caption``."""
+    from threestudio_mv.data.procedural import asset_mesh, parse_caption
+
+    asset = parse_caption(caption)
+    gt = asset_mesh(asset)
+    bounds = (np.minimum(pred.bounds[0], gt.bounds[0]), np.maximum(pred.bounds[1], gt.bounds[1]))
+    return {
+        "iou": volumetric_iou(pred, asset.sdf, resolution=64, bounds=bounds),
+        "chamfer_l1": chamfer_l1(pred, gt),
+        "delta_e": surface_colour_error(pred, asset.albedo, gt_geometry=gt),
+        "front": front_score(pred, gt),
+    }
+
+
+def latest_export(trial: Path) -> Path:
+    exports = sorted((trial / "save").glob("it*-export"), key=lambda p: int(p.name[2:].split("-")[0]))
+    if not exports:
+        raise RuntimeError(f"no export in {trial}/save")
+    return exports[-1]
+
+
+def run_one(config: Path, caption: str, out: Path, overrides: List[str]) -> Dict[str, Any]:
+    name = f"eval-{config.stem}"
+    tag = caption.replace(" ", "_")
+    command = [
+        sys.executable, str(REPO_ROOT / "launch.py"), "--config", str(config), "--train", "--export", "--test",
+        f"system.prompt_processor.prompt={caption}", f"name={name}", f"tag={tag}", "use_timestamp=false",
+        f"exp_root_dir={out}", "trainer.enable_progress_bar=false", *overrides,
+    ]
+    start = time.time()
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    seconds = time.time() - start
+    if result.returncode != 0:
+        return {"caption": caption, "config": config.stem, "error": result.stderr.strip().splitlines()[-1:], "seconds": seconds}
+    trial = out / name / tag
+    metrics = mesh_metrics(mesh_from_export(latest_export(trial)), caption)
+    return {"caption": caption, "config": config.stem, "seconds": seconds, "trial": str(trial), **metrics}
+
+
+def pick_captions(split: str, num: int) -> List[str]:
+    """``num`` captions spread evenly over the split's vocabulary (primitives and composites)."""
+    from threestudio_mv.data.procedural import vocabulary
+
+    captions = vocabulary(split)
+    if num >= len(captions):
+        return captions
+    return [captions[int(i)] for i in np.linspace(0, len(captions) - 1, num).round()]
+
+
+def summarise(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    summary: Dict[str, Any] = {}
+    for config in sorted({row["config"] for row in rows}):
+        done = [row for row in rows if row["config"] == config and "error" not in row]
+        fronts = [row["front"] for row in done if row["front"] is not None]
+        summary[config] = {
+            "runs": len(done),
+            "failed": sum(1 for row in rows if row["config"] == config and "error" in row),
+            "mean_iou": float(np.mean([r["iou"] for r in done])) if done else None,
+            "mean_chamfer_l1": float(np.mean([r["chamfer_l1"] for r in done])) if done else None,
+            "mean_delta_e": float(np.mean([r["delta_e"] for r in done])) if done else None,
+            "single_front": f"{sum(f > 0.5 for f in fronts)}/{len(fronts)}",
+            "mean_seconds": float(np.mean([r["seconds"] for r in done])) if done else None,
+        }
+    return summary
+
+
+def markdown_table(rows: List[Dict[str, Any]]) -> str:
+    configs = sorted({row["config"] for row in rows})
+    header = "| caption | " + " | ".join(f"{c}: IoU / CD / dE / front" for c in configs) + " |"
+    lines = [header, "|---|" + "---|" * len(configs)]
+    for caption in dict.fromkeys(row["caption"] for row in rows):
+        cells = []
+        for config in configs:
+            row = next(r for r in rows if r["caption"] == caption and r["config"] == config)
+            if "error" in row:
+                cells.append("failed")
+                continue
+            front = "-" if row["front"] is None else f"{row['front']:.2f}"
+            cells.append(f"{row['iou']:.2f} / {row['chamfer_l1']:.3f} / {row['delta_e']:.1f} / {front}")
+        lines.append(f"| {caption} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@exit_on_user_error
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", required=True, help="trial configs to compare")
+    parser.add_argument("--split", default="heldout", choices=["train", "heldout", "all"])
+    parser.add_argument("--num", type=int, default=10)
+    parser.add_argument("--captions", nargs="*", help="explicit captions instead of --split/--num")
+    parser.add_argument("--out", default="outputs/eval-text-to-3d")
+    args, overrides = parser.parse_known_args(argv)
+    configs = [Path(c).resolve() for c in args.configs]
+    for config in configs:
+        if not config.is_file():
+            raise UserError(f"config '{config}' not found")
+    captions = args.captions or pick_captions(args.split, args.num)
+    out = Path(args.out).resolve()
+    rows = []
+    from tqdm import tqdm
+
+    jobs = [(caption, config) for caption in captions for config in configs]
+    for caption, config in tqdm(jobs, desc="text-to-3D runs", total=len(jobs)):
+        rows.append(run_one(config, caption, out, overrides))
+        save_json(out / "results.json", {"rows": rows, "summary": summarise(rows)})
+    (out / "table.md").write_text(markdown_table(rows))
+    print(json.dumps(summarise(rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
