@@ -203,3 +203,43 @@ def view_group(
         "fovy": fovys,
         "c2w": c2w_from_spherical(elevations, azimuth, distances),
     }
+
+
+def spherical_from_position(position: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Inverse of :func:`spherical_to_position`: (B, 3) -> (B,) elevation, azimuth in [-180, 180), distance."""
+    distance = position.norm(dim=-1)
+    elevation = torch.rad2deg(torch.asin((position[:, 2] / distance.clamp_min(1e-12)).clamp(-1.0, 1.0)))
+    azimuth = torch.rad2deg(torch.atan2(position[:, 1], position[:, 0]))
+    azimuth = (azimuth + 180.0) % 360.0 - 180.0
+    return elevation, azimuth, distance
+
+
+def fovy_from_fovx(fovx: Number, width: int, height: int) -> Tensor:
+    """Vertical field of view (degrees) of a square-pixel camera with horizontal FOV ``fovx`` (degrees)."""
+    half_x = 0.5 * torch.deg2rad(_as_tensor(fovx))
+    return torch.rad2deg(2.0 * torch.atan(torch.tan(half_x) * height / width))
+
+
+def sample_light_positions(
+    camera_positions: Tensor,
+    distance_range: Tuple[float, float] = (0.8, 1.5),
+    strategy: str = "dreamfusion",
+    perturb: float = 1.0,
+    generator: torch.Generator = None,
+) -> Tensor:
+    """Point-light positions (B, 3) for cameras at ``camera_positions`` (B, 3).
+
+    ``"dreamfusion"``: along the camera direction jittered by Gaussian noise of std ``perturb``, at a
+    distance uniform in ``distance_range`` (DreamFusion's shading augmentation). ``"camera"``: at the
+    camera itself (a head light).
+    """
+    if strategy == "camera":
+        return camera_positions.clone()
+    if strategy != "dreamfusion":
+        raise ValueError(f"unknown light sampling strategy '{strategy}' (use 'dreamfusion' or 'camera')")
+    batch = camera_positions.shape[0]
+    noise = torch.randn(batch, 3, generator=generator).to(camera_positions)
+    direction = torch.nn.functional.normalize(camera_positions + perturb * noise, dim=-1)
+    low, high = distance_range
+    distance = (low + (high - low) * torch.rand(batch, generator=generator)).to(camera_positions)
+    return direction * distance[:, None]
