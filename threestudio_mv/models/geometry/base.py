@@ -1,0 +1,64 @@
+"""Base class of the implicit geometries: a field in the box [-radius, radius]^3 that can be meshed."""
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import Tensor
+
+from threestudio_mv.models.geometry.isosurface import IsosurfaceMesh, extract_isosurface
+from threestudio_mv.utils.base import BaseModule
+
+
+class BaseImplicitGeometry(BaseModule):
+    """A geometry queried at world points; subclasses implement ``forward`` and ``forward_field``.
+
+    ``isosurface()`` meshes ``forward_field`` with the ``isosurface_*`` settings of the config.
+    """
+
+    @dataclass
+    class Config:
+        radius: float = 1.0
+        isosurface_resolution: int = 128
+        isosurface_threshold: Union[float, int, str] = "auto"
+        isosurface_remove_outliers: bool = True
+        isosurface_outlier_n_faces_threshold: float = 0.01
+        isosurface_chunk_size: int = 65536
+
+    cfg: Any
+
+    def __init__(self, cfg: Optional[Any] = None, prefix: str = "system.geometry", **kwargs: Any) -> None:
+        # Set before nn.Module.__init__ (a plain attribute is allowed there) so configure() can name keys.
+        self.config_prefix = prefix
+        super().__init__(cfg, prefix, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        parameter = next(self.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    def normalize_points(self, points: Tensor) -> Tensor:
+        """World points in [-radius, radius]^3 -> [0, 1]^3 (not clamped)."""
+        return (points + self.cfg.radius) / (2.0 * self.cfg.radius)
+
+    def forward(self, points: Tensor, output_normal: bool = False) -> Dict[str, Tensor]:
+        raise NotImplementedError
+
+    def forward_field(self, points: Tensor) -> Tensor:
+        """(N, 3) world points -> (N, 1) scalar field, larger inside the object."""
+        raise NotImplementedError
+
+    def isosurface(self) -> IsosurfaceMesh:
+        """Mesh the field at ``isosurface_threshold`` (a number or "auto")."""
+        radius = self.cfg.radius
+        bbox_min = torch.full((3,), -radius, device=self.device)
+        return extract_isosurface(
+            self.forward_field,
+            bbox_min,
+            -bbox_min,
+            resolution=self.cfg.isosurface_resolution,
+            threshold=self.cfg.isosurface_threshold,
+            remove_outliers=self.cfg.isosurface_remove_outliers,
+            outlier_fraction=self.cfg.isosurface_outlier_n_faces_threshold,
+            chunk_size=self.cfg.isosurface_chunk_size,
+            threshold_key=f"{self.config_prefix}.isosurface_threshold",
+        )
