@@ -53,6 +53,15 @@ class MultiviewShards:
         self.groups_per_asset = self.num_views_per_asset // group_size
         self.image_size = int(self.rgba.shape[2])
 
+    def pixel_mean(self, background: List[float]) -> List[float]:
+        """Per-channel mean of all views composited over ``background``, in [-1, 1]."""
+        total = np.zeros(3)
+        for rgba in self.rgba:  # one asset at a time keeps the float copy small
+            rgba = rgba.astype(np.float32) / 255.0
+            rgb = rgba[..., :3] * rgba[..., 3:] + np.asarray(background, dtype=np.float32) * (1.0 - rgba[..., 3:])
+            total += rgb.reshape(-1, 3).mean(axis=0)
+        return [float(v) for v in total / self.num_assets * 2.0 - 1.0]
+
     def texts(self) -> List[str]:
         """Every caption and paraphrase (deduplicated, in order)."""
         return list(dict.fromkeys(self.captions + [p for ps in self.paraphrases for p in ps]))
@@ -170,6 +179,10 @@ class ProceduralMultiviewDataModule(pl.LightningDataModule):
     def texts(self) -> List[str]:
         """Every text a training batch can contain (for precomputing text embeddings)."""
         return self.shards.texts()
+
+    def pixel_mean(self) -> List[float]:
+        """Per-channel mean of the training images in [-1, 1] (the sampler's starting mean)."""
+        return self.shards.pixel_mean(self.cfg.background)
 
     def validation_captions(self) -> List[str]:
         if self.cfg.val_captions:

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -68,6 +68,11 @@ class ModelMetadata:
     relative_distance: float = 0.92  # distance = relative_distance / tan(fovy / 2)
     guidance_scale: float = 5.0
     num_inference_steps: int = 50
+    # Per-channel mean of the training samples (pixels in [-1, 1]). Samplers start from the forward
+    # process's true marginal N(sqrt(abar_T) * mean, 1 - abar_T) instead of N(0, 1): SD's schedule
+    # keeps some signal at t = T (non-zero terminal SNR), and for a small pixel-space model on white
+    # backgrounds starting from zero-mean noise leaves random tints on the background. None: N(0, 1).
+    init_mean: Optional[List[float]] = None
     description: str = ""
 
 
@@ -93,6 +98,8 @@ class MultiViewDiffusionModel(nn.Module):
         self.text_encoder_spec = dict(text_encoder_spec)
         self.metadata = metadata
         # Only trainable (learned) encoders live inside the model; frozen ones are built on demand.
+        if text_encoder is None and text_encoder_spec.get("type") == "learned":
+            text_encoder = build_text_encoder(text_encoder_spec)  # freshly initialised
         self.text_encoder = text_encoder if text_encoder is not None and text_encoder.trainable else None
 
     # -- construction ------------------------------------------------------------------------
@@ -107,15 +114,7 @@ class MultiViewDiffusionModel(nn.Module):
     ) -> "MultiViewDiffusionModel":
         """A randomly initialised model (a learned text encoder is built from its spec)."""
         metadata = metadata or ModelMetadata(latent=vae is not None)
-        text_encoder = build_text_encoder(text_encoder_spec) if text_encoder_spec.get("type") == "learned" else None
-        return cls(
-            build_unet(unet_config),
-            scheduler_config or sd_scheduler_config(),
-            text_encoder_spec,
-            metadata,
-            vae=vae,
-            text_encoder=text_encoder,
-        )
+        return cls(build_unet(unet_config), scheduler_config or sd_scheduler_config(), text_encoder_spec, metadata, vae=vae)
 
     def build_text_encoder(self) -> TextEncoder:
         """The model's text encoder (the learned one it holds, or a fresh frozen one from the spec)."""

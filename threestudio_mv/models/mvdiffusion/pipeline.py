@@ -25,7 +25,8 @@ def sample_multiview(
 
     ``cond_embeddings`` (G*F, L, D) or (1, L, D); ``uncond_embeddings`` likewise; ``c2w`` (G*F, 4, 4)
     in our camera convention, views of one object contiguous. ``generator`` (a CPU generator) makes
-    the initial noise reproducible on any device. Returns images (G*F, 3, H, W) in [0, 1].
+    the initial noise reproducible on any device; with ``model.metadata.init_mean`` the start is the
+    forward process's marginal at the first timestep. Returns images (G*F, 3, H, W) in [0, 1].
     """
     device = model.device
     batch = c2w.shape[0]
@@ -34,6 +35,10 @@ def sample_multiview(
     scheduler.set_timesteps(num_inference_steps, device=device)
     shape = (batch, model.sample_channels, model.sample_size, model.sample_size)
     sample = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
+    if model.metadata.init_mean is not None:
+        alpha_bar = scheduler.alphas_cumprod[scheduler.timesteps[0]].to(device)
+        mean = torch.tensor(model.metadata.init_mean, dtype=sample.dtype, device=device).view(1, -1, 1, 1)
+        sample = alpha_bar.sqrt() * mean + (1.0 - alpha_bar).sqrt() * sample
     for timestep in tqdm(scheduler.timesteps, total=len(scheduler.timesteps), desc="DDIM", disable=not progress):
         eps, _, _ = predict_noise_with_cfg(
             model, sample, timestep, cond_embeddings.to(device), uncond_embeddings.to(device),

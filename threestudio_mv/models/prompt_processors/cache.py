@@ -44,12 +44,12 @@ class CachedTextEncoder:
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True).float()
         except (OSError, RuntimeError, EOFError):
             return None  # unreadable cache entry: recompute and overwrite it
 
     def encode(self, prompts: Sequence[str], progress: bool = False) -> torch.Tensor:
-        """(B, L, D) float32 embeddings on the CPU for ``prompts``."""
+        """(B, L, D) float32 embeddings (float16 precision) on the CPU for ``prompts``."""
         missing: List[str] = []
         for prompt in dict.fromkeys(prompts):
             if prompt not in self._memory:
@@ -63,8 +63,10 @@ class CachedTextEncoder:
             chunk = missing[start : start + self.batch_size]
             embeddings = self.encoder.encode(chunk).detach().float().cpu()
             for prompt, embedding in zip(chunk, embeddings):
-                embedding = embedding.clone()
+                # Stored as float16 (half the disk); the rounded value is also what is returned now,
+                # so a prompt gives the same embedding whether it was cached or just computed.
+                stored = embedding.half().clone()
                 with atomic_path(self.path_for(prompt)) as tmp:
-                    torch.save(embedding, tmp)
-                self._memory[prompt] = embedding
+                    torch.save(stored, tmp)
+                self._memory[prompt] = stored.float()
         return torch.stack([self._memory[prompt] for prompt in prompts])

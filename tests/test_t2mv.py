@@ -1,0 +1,77 @@
+"""The text-to-multi-view CLI: PNG + npz with cameras in our convention, user errors."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from threestudio_mv.models.mvdiffusion.model import ModelMetadata, MultiViewDiffusionModel
+from threestudio_mv.models.mvdiffusion.unet import unet_config
+from threestudio_mv.t2mv import main
+
+TEXT = {"type": "learned", "words": ["a", "red", "cube"], "dim": 16, "max_length": 4}
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    config = unet_config(sample_size=8, block_out_channels=(16, 32), attention_levels=(False, True), cross_attention_dim=16, norm_num_groups=8)
+    metadata = ModelMetadata(image_size=8, default_fovy=40.0, relative_distance=0.92, num_inference_steps=3)
+    return MultiViewDiffusionModel.create(config, TEXT, metadata).save_pretrained(tmp_path / "model")
+
+
+def test_cli_writes_grid_and_cameras(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "grid.png"
+    main(["--prompt", "a red cube", "--model", str(model_dir), "--elevation", "20", "--azimuth-start", "30",
+          "--fovy", "45", "--steps", "2", "--seed", "3", "--out", str(out)])
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (8, 4 * 8 + 3 * 2, 3)  # 4 views side by side, 2 px apart
+    data = np.load(out.with_suffix(".npz"))
+    assert data["images"].shape == (4, 8, 8, 3) and data["images"].dtype == np.uint8
+    assert np.array_equal(grid[:, :8], data["images"][0])
+    assert data["c2w"].shape == (4, 4, 4) and data["fovy"].shape == (4,)
+    np.testing.assert_allclose(data["azimuth"], [30, 120, 210, 300])
+    np.testing.assert_allclose(data["elevation"], 20.0)
+    distance = 0.92 / math.tan(math.radians(45) / 2)
+    for view in range(4):
+        c2w = data["c2w"][view]
+        elevation, azimuth = math.radians(20), math.radians(data["azimuth"][view])
+        position = distance * np.array([math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth), math.sin(elevation)])
+        np.testing.assert_allclose(c2w[:3, 3], position, atol=1e-5)
+        np.testing.assert_allclose(c2w[:3, 2], position / distance, atol=1e-5)  # back axis points at the camera
+        assert c2w[2, 1] > 0  # camera up has a +z component (z-up world)
+    # Same seed, same images.
+    again = tmp_path / "again.png"
+    main(["--prompt", "a red cube", "--model", str(model_dir), "--elevation", "20", "--azimuth-start", "30",
+          "--fovy", "45", "--steps", "2", "--seed", "3", "--out", str(again)])
+    assert np.array_equal(np.load(again.with_suffix(".npz"))["images"], data["images"])
+
+
+def test_missing_model_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--prompt", "a red cube", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "nope" in err and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_prompt_and_bad_out_are_user_errors(model_dir: Path, tmp_path: Path, capsys) -> None:
+    for argv, message in [
+        (["--prompt", "  ", "--out", str(tmp_path / "x.png")], "--prompt is empty"),
+        (["--prompt", "a cube", "--out", str(tmp_path / "x.jpg")], "must end in .png"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv + ["--model", str(model_dir)])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bundled_model_is_complete_and_is_the_default() -> None:
+    from threestudio_mv.models.mvdiffusion.model import DEFAULT_MODEL_PATH, check_model_folder
+
+    assert DEFAULT_MODEL_PATH.parts[-3:] == ("threestudio_mv", "assets", "mvdream-tiny")
+    check_model_folder(DEFAULT_MODEL_PATH)
+    model = MultiViewDiffusionModel.from_pretrained()
+    assert model.metadata.image_size == 32 and model.metadata.n_view == 4 and not model.metadata.latent
+    assert model.text_encoder_spec["type"] == "minilm"
+    size_mb = sum(p.stat().st_size for p in DEFAULT_MODEL_PATH.rglob("*") if p.is_file()) / 2**20
+    assert size_mb < 50
