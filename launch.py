@@ -100,6 +100,24 @@ def import_extensions() -> None:
             importlib.import_module(child.name)
 
 
+def load_yaml_with_extends(path: Path, seen: Tuple[Path, ...] = ()):
+    """Load a trial YAML; a top-level ``extends: other.yaml`` (relative to the file) is merged under it."""
+    from omegaconf import OmegaConf
+
+    from threestudio_mv.utils.errors import UserError
+
+    path = path.resolve()
+    if path in seen:
+        raise UserError(f"config '{path}' extends itself (cycle: {' -> '.join(str(p) for p in seen)})")
+    if not path.is_file():
+        raise UserError(f"config file '{path}' not found")
+    config = OmegaConf.load(path)
+    base = config.pop("extends", None)
+    if base is None:
+        return config
+    return OmegaConf.merge(load_yaml_with_extends(path.parent / str(base), seen + (path,)), config)
+
+
 def load_config(args: argparse.Namespace, overrides: List[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -120,7 +138,7 @@ def load_config(args: argparse.Namespace, overrides: List[str]):
     if not path.is_file():
         raise UserError(f"config file '{config_path}' not found")
     try:
-        raw = OmegaConf.merge(OmegaConf.load(path), cli)
+        raw = OmegaConf.merge(load_yaml_with_extends(path), cli)
     except OmegaConfBaseException as error:
         raise UserError(f"cannot read config '{config_path}': {str(error).splitlines()[0]}") from None
     return raw
@@ -217,7 +235,7 @@ def main(argv: List[str]) -> int:
             handle.write(" ".join(shlex.quote(a) for a in [sys.executable, "launch.py", *argv]) + "\n")
 
     trainer_cfg = cfg.trainer
-    callbacks: List[Any] = [StepProgressBar(refresh_rate=1)]
+    callbacks: List[Any] = [StepProgressBar(refresh_rate=1)] if trainer_cfg.enable_progress_bar else []
     if args.train:
         callbacks.append(
             ModelCheckpoint(
@@ -242,7 +260,11 @@ def main(argv: List[str]) -> int:
         enable_progress_bar=trainer_cfg.enable_progress_bar,
         limit_val_batches=trainer_cfg.limit_val_batches,
         callbacks=callbacks,
-        logger=[TensorBoardLogger(trial_dir, name="tb_logs", version=""), CSVLogger(trial_dir, name="csv_logs", version="")],
+        # One CSV per run of the trial, so a resumed run never overwrites the earlier loss history.
+        logger=[
+            TensorBoardLogger(trial_dir, name="tb_logs", version=""),
+            CSVLogger(trial_dir, name="csv_logs", version=time.strftime("run-%Y%m%d-%H%M%S")),
+        ],
         plugins=[AtomicCheckpointIO()],
         enable_model_summary=False,
         default_root_dir=trial_dir,

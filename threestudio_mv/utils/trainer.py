@@ -18,7 +18,14 @@ class StepProgressBar(TQDMProgressBar):
     camera samplers every text-to-3D system uses.
     """
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._whole_run(trainer)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        self._whole_run(trainer)
+
+    def _whole_run(self, trainer: pl.Trainer) -> None:
         bar = self.train_progress_bar
         if bar.total != trainer.max_steps:
             bar.reset(total=trainer.max_steps)

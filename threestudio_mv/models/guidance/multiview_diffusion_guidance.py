@@ -54,6 +54,7 @@ class MultiviewDiffusionGuidance(Updateable):
         guidance_scale: Schedule = schedule(5.0)
         recon_loss: bool = True  # x0-SDS (MVDream's reconstruction loss); False = plain SDS
         recon_std_rescale: float = 0.5
+        clip_x0: bool = True  # pixel-space models: clamp predicted x0 to the image range [-1, 1]
         weighting: str = "sds"  # SDS only: sds | uniform | inverse_snr
         min_step_percent: Schedule = schedule([0, 0.98, 0.02, 400])
         max_step_percent: Schedule = schedule([0, 0.98, 0.5, 400])
@@ -129,6 +130,8 @@ class MultiviewDiffusionGuidance(Updateable):
                 if self.cfg.recon_std_rescale > 0:
                     x0_cond = (noisy - (1.0 - alpha_bar).sqrt() * eps_cond) / alpha_bar.sqrt()
                     x0_cfg = rescale_x0_per_group(x0_cfg, x0_cond, n_view, self.cfg.recon_std_rescale)
+                if self.cfg.clip_x0 and not self.model.metadata.latent:
+                    x0_cfg = x0_cfg.clamp(-1.0, 1.0)
                 grad = latents.detach() - x0_cfg
             else:
                 grad = sds_weight(alpha_bar, self.cfg.weighting) * (eps_cfg - noise)
