@@ -60,7 +60,7 @@ def test_sds_gradient_is_weighted_noise_residual(tiny_model_dir):
 
 
 def test_x0_loss_gradient_uses_rescaled_x0(tiny_model_dir):
-    guidance = MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "recon_loss": True, "recon_std_rescale": 0.5, "guidance_scale": 5.0})
+    guidance = MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "recon_loss": True, "recon_std_rescale": 0.5, "guidance_scale": 5.0, "clip_x0": False})
     rgb, cond, uncond, c2w = make_inputs(guidance)
     noise = torch.randn(guidance.to_model_input(rgb).shape, generator=torch.Generator().manual_seed(4))
     latents, _ = grad_wrt_input(guidance, rgb, cond, uncond, c2w, 300, noise)
@@ -108,3 +108,11 @@ def test_guidance_weights_stay_out_of_module_trees(tiny_model_dir):
     guidance = MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir)})
     assert not isinstance(guidance, torch.nn.Module)
     assert all(not p.requires_grad for p in guidance.model.parameters())
+
+
+def test_pixel_x0_target_is_clamped_to_image_range(tiny_model_dir):
+    guidance = MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "clip_x0": True})
+    rgb, cond, uncond, c2w = make_inputs(guidance)
+    latents, _ = grad_wrt_input(guidance, rgb, cond, uncond, c2w, 950, None)
+    target = latents.detach() - latents.grad * 8  # loss normalised by B = 8
+    assert target.min() >= -1.0 - 1e-5 and target.max() <= 1.0 + 1e-5
