@@ -242,6 +242,7 @@ def main(argv: List[str]) -> int:
                 dirpath=trial_dir / "ckpts",
                 filename="step{step:06d}",
                 auto_insert_metric_name=False,
+                enable_version_counter=False,  # a resumed trial keeps writing ckpts/last.ckpt
                 save_last=cfg.checkpoint.save_last,
                 save_top_k=cfg.checkpoint.save_top_k,
                 every_n_train_steps=cfg.checkpoint.every_n_train_steps or trainer_cfg.max_steps,
