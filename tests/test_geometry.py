@@ -153,3 +153,38 @@ def test_bad_geometry_config_is_a_user_error():
         make_geometry(normal_type="pred")
     with pytest.raises(UserError, match="system.geometry.radius"):
         make_geometry(radius="big")
+
+
+def _hollow_ball(points):
+    """Density 50 in a ball of radius 0.5 with an enclosed bubble of radius 0.2 (density 0) inside."""
+    radius = points.norm(dim=-1)
+    ball = torch.sigmoid((0.5 - radius) * 1000.0) * torch.sigmoid((radius - 0.2) * 1000.0)
+    return (50.0 * ball)[:, None]
+
+
+def test_isosurface_fills_enclosed_cavities():
+    box_min, box_max = torch.full((3,), -1.0), torch.full((3,), 1.0)
+    hollow = extract_isosurface(_hollow_ball, box_min, box_max, 64, threshold=25.0, fill_cavities=False)
+    filled = extract_isosurface(_hollow_ball, box_min, box_max, 64, threshold=25.0, fill_cavities=True)
+    assert hollow.vertices.norm(dim=-1).min() < 0.25  # the bubble's inner wall is meshed
+    assert filled.vertices.norm(dim=-1).min() > 0.45  # only the outer sphere is left
+    assert n_components(filled) == 1
+
+
+def _noisy_ball(points):
+    """A ball of radius 0.5 whose density carries voxel-scale noise near the level."""
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.rand(points.shape[0], generator=generator) * 2.0 - 1.0
+    return (25.0 + 40.0 * (0.5 - points.norm(dim=-1)) + 8.0 * noise)[:, None].clamp_min(0.0)
+
+
+def test_isosurface_smoothing_removes_voxel_noise():
+    box_min, box_max = torch.full((3,), -1.0), torch.full((3,), 1.0)
+    raw = extract_isosurface(_noisy_ball, box_min, box_max, 48, threshold=25.0, smooth_sigma=0.0)
+    smooth = extract_isosurface(_noisy_ball, box_min, box_max, 48, threshold=25.0, smooth_sigma=1.5)
+    raw_mesh = trimesh.Trimesh(raw.vertices.numpy(), raw.faces.numpy())
+    smooth_mesh = trimesh.Trimesh(smooth.vertices.numpy(), smooth.faces.numpy())
+    assert smooth_mesh.euler_number == 2  # one closed sphere
+    assert raw_mesh.euler_number != 2 or len(raw.faces) > 1.5 * len(smooth.faces)
+    radii = smooth.vertices.norm(dim=-1)
+    assert abs(radii.mean().item() - 0.5) < 0.03

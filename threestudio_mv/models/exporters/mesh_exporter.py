@@ -35,6 +35,19 @@ TEXTURE_NAME = "texture_kd.png"
 WORLD_TO_GLTF = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
 
 
+def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Quadric edge-collapse decimation (trimesh + fast-simplification) to at most ``max_faces``
+    faces; ``max_faces`` <= 0 or a smaller mesh returns the input. Marching cubes gives far more faces
+    than a field's detail needs, and xatlas's time grows faster than linearly with them."""
+    import trimesh
+
+    if max_faces <= 0 or len(faces) <= max_faces:
+        return vertices, faces
+    mesh = trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
+    simplified = mesh.simplify_quadric_decimation(face_count=int(max_faces))
+    return np.asarray(simplified.vertices, dtype=vertices.dtype), np.asarray(simplified.faces, dtype=faces.dtype)
+
+
 def unwrap_uv(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding: int = 2) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """xatlas UV atlas: returns ``vertex_map`` (V',) into the input vertices, ``uv_faces`` (F, 3)
     indexing the V' new vertices, and ``uvs`` (V', 2) in [0, 1].
@@ -172,12 +185,14 @@ def export_textured_mesh(
     save_vertex_colors: bool = False,
     uv_padding: int = 2,
     chunk_size: int = 1 << 16,
+    max_faces: int = 0,
 ) -> Dict[str, Path]:
     """Export a mesh coloured by ``color_fn`` (world points (N, 3) -> RGB (N, 3) in [0, 1]).
 
     ``fmt``: ``"obj-mtl"`` (textured OBJ + MTL + PNG, and a GLB when ``save_glb``), ``"glb"``
     (textured GLB only) or ``"obj"`` (per-vertex colours: OBJ + PLY). ``color_fn`` receives points on
-    ``vertices.device``. Returns the written files by kind: ``obj``, ``mtl``, ``texture``, ``glb``,
+    ``vertices.device``. With ``max_faces`` > 0 the mesh is first decimated to at most that many
+    faces (:func:`decimate`). Returns the written files by kind: ``obj``, ``mtl``, ``texture``, ``glb``,
     ``ply``.
     """
     import trimesh
@@ -189,8 +204,8 @@ def export_textured_mesh(
         raise UserError("the mesh to export is empty (no faces): lower the isosurface threshold or train longer")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vertices_np = vertices.detach().cpu().double().numpy()
-    faces_np = faces.detach().cpu().long().numpy()
+    vertices_np, faces_np = decimate(vertices.detach().cpu().double().numpy(), faces.detach().cpu().long().numpy(), max_faces)
+    vertices = torch.from_numpy(vertices_np).to(device=vertices.device, dtype=vertices.dtype)
     normals = _vertex_normals(vertices_np, faces_np)
     written: Dict[str, Path] = {}
 
@@ -251,6 +266,7 @@ class MeshExporter(BaseModule):
         save_vertex_colors: bool = False  # also write a vertex-coloured PLY
         context: str = "cpu"  # where UV rasterisation runs: "cpu", or "auto" (the mesh's device)
         uv_padding: int = 2  # texels between UV charts
+        max_faces: int = 20000  # decimate larger meshes to this many faces before UV unwrapping (0: keep all)
         chunk_size: int = 65536  # points per colour query
 
     cfg: Config
@@ -288,4 +304,5 @@ class MeshExporter(BaseModule):
                 save_vertex_colors=self.cfg.save_vertex_colors,
                 uv_padding=self.cfg.uv_padding,
                 chunk_size=self.cfg.chunk_size,
+                max_faces=self.cfg.max_faces,
             )

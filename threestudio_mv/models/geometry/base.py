@@ -23,6 +23,8 @@ class BaseImplicitGeometry(BaseModule):
         isosurface_remove_outliers: bool = True
         isosurface_outlier_n_faces_threshold: float = 0.01
         isosurface_chunk_size: int = 65536
+        isosurface_fill_cavities: bool = True  # fill enclosed bubbles of the field before meshing
+        isosurface_smooth_sigma: float = 1.5  # Gaussian smoothing of the field, in grid voxels (0: off)
 
     cfg: Any
 
@@ -61,4 +63,6 @@ class BaseImplicitGeometry(BaseModule):
             outlier_fraction=self.cfg.isosurface_outlier_n_faces_threshold,
             chunk_size=self.cfg.isosurface_chunk_size,
             threshold_key=f"{self.config_prefix}.isosurface_threshold",
+            fill_cavities=self.cfg.isosurface_fill_cavities,
+            smooth_sigma=self.cfg.isosurface_smooth_sigma,
         )
