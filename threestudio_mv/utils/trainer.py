@@ -28,9 +28,11 @@ class StepProgressBar(TQDMProgressBar):
     def _whole_run(self, trainer: pl.Trainer) -> None:
         bar = self.train_progress_bar
         if bar.total != trainer.max_steps:
+            # A resumed run starts at global_step: count it as the initial position rather than as
+            # progress made now, so the rate and the ETA reflect this run's speed.
             bar.reset(total=trainer.max_steps)
-            bar.initial = 0
-            bar.update(trainer.global_step)
+            bar.initial = bar.n = bar.last_print_n = trainer.global_step
+            bar.refresh()
         bar.set_description(f"Train (epoch {trainer.current_epoch})")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
