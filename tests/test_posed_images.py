@@ -166,3 +166,24 @@ def test_malformed_folders_name_the_file(sphere_folder: Path) -> None:
     save_image(sphere_folder / "images" / "r_1.png", np.zeros((8, 8, 4)))
     with pytest.raises(UserError, match=r"r_1\.png: size 8x8 differs"):
         make(sphere_folder)
+
+
+def test_recorded_light_follows_the_camera_and_shades(sphere_folder: Path) -> None:
+    transforms = sphere_folder / "transforms.json"
+    meta = json.loads(transforms.read_text())
+    unlit = next(iter(make(sphere_folder).train_dataloader()))
+    assert unlit["shading"] == "albedo" and "ambient_ratio" not in unlit
+    meta["light"] = {"direction_camera": [0.0, 0.0, 1.0], "ambient_ratio": 0.4}
+    transforms.write_text(json.dumps(meta))
+    datamodule = make(sphere_folder, batch_size="all")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["shading"] == "diffuse" and batch["ambient_ratio"] == 0.4
+    # A light along the camera's +z (towards the viewer) sits behind the camera, far away.
+    towards = torch.nn.functional.normalize(batch["light_positions"] - batch["camera_positions"], dim=-1)
+    assert torch.allclose(towards, batch["c2w"][:, :3, 2], atol=1e-5)
+    test_batch = next(iter(datamodule.test_dataloader()))
+    assert test_batch["shading"] == "diffuse"
+    meta["light"] = {"direction_camera": [0.0, 0.0], "ambient_ratio": 0.4}
+    transforms.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="'light' must be"):
+        make(sphere_folder)

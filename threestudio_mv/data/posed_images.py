@@ -29,6 +29,20 @@ from threestudio_mv.utils.errors import UserError
 from threestudio_mv.utils.io import load_image
 
 TRANSFORMS_NAME = "transforms.json"
+# A light that follows the camera is placed this far along its direction: a point light this far
+# away lights the object (extent ~1) like the renderer's directional light, within 0.3 degrees.
+CAMERA_LIGHT_DISTANCE = 100.0
+
+
+@dataclass
+class CameraLight:
+    """The lighting a folder's images were rendered with, from transforms.json's optional ``light``:
+    a directional light fixed in the camera frame (``direction_camera``: x right, y up, z towards the
+    viewer; from the surface to the light) and ``ambient_ratio`` (ambient = ratio, diffuse = 1 - ratio).
+    With it a shading material recovers the unlit albedo; without it images are fitted as they are."""
+
+    direction_camera: Tuple[float, float, float]
+    ambient_ratio: float
 
 
 @dataclass
@@ -36,7 +50,8 @@ class PosedImages:
     """Frames of a posed-images folder, resized and composited.
 
     ``rgb`` (N, H, W, 3) over the background, ``mask`` (N, H, W, 1) from alpha, ``c2w`` (N, 4, 4),
-    ``fovy`` in degrees (shared by all frames), ``paths`` the image files.
+    ``fovy`` in degrees (shared by all frames), ``paths`` the image files, ``light`` the lighting the
+    images were rendered with, when transforms.json records it.
     """
 
     rgb: Tensor
@@ -44,6 +59,7 @@ class PosedImages:
     c2w: Tensor
     fovy: float
     paths: List[Path]
+    light: Optional[CameraLight] = None
 
     @property
     def height(self) -> int:
@@ -54,7 +70,24 @@ class PosedImages:
         return int(self.rgb.shape[2])
 
 
-def _read_transforms(path: Path) -> Tuple[float, List[dict]]:
+def _read_light(path: Path, value: Any) -> Optional[CameraLight]:
+    if value is None:
+        return None
+    direction = value.get("direction_camera") if isinstance(value, dict) else None
+    ratio = value.get("ambient_ratio") if isinstance(value, dict) else None
+    valid_direction = (
+        isinstance(direction, list) and len(direction) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in direction)
+        and any(v != 0 for v in direction)
+    )
+    if not valid_direction or not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio <= 1.0:
+        raise UserError(
+            f"{path}: 'light' must be {{\"direction_camera\": [x, y, z], \"ambient_ratio\": a in [0, 1]}}, got {value!r}"
+        )
+    return CameraLight(tuple(float(v) for v in direction), float(ratio))
+
+
+def _read_transforms(path: Path) -> Tuple[float, List[dict], Optional[CameraLight]]:
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as error:
@@ -69,7 +102,7 @@ def _read_transforms(path: Path) -> Tuple[float, List[dict]]:
     frames = meta.get("frames")
     if not isinstance(frames, list) or not frames:
         raise UserError(f"{path}: 'frames' must be a non-empty list of {{file_path, transform_matrix}}")
-    return float(angle), frames
+    return float(angle), frames, _read_light(path, meta.get("light"))
 
 
 def _frame_pose(path: Path, index: int, frame: Any) -> np.ndarray:
@@ -126,7 +159,7 @@ def load_posed_images(
     hidden under transparent pixels. Raises a one-line UserError naming the faulty file.
     """
     transforms = root / TRANSFORMS_NAME
-    angle_x, frames = _read_transforms(transforms)
+    angle_x, frames, light = _read_transforms(transforms)
     poses = [_frame_pose(transforms, i, frame) for i, frame in enumerate(frames)]
     paths = [_image_path(root, transforms, i, frame["file_path"]) for i, frame in enumerate(frames)]
     images = []
@@ -156,7 +189,9 @@ def load_posed_images(
     rgb = premultiplied[..., :3] + torch.tensor(background, dtype=torch.float32) * (1.0 - mask)
     fovy = float(fovy_from_fovx(float(np.degrees(angle_x)), native[1], native[0]))
     c2w = torch.from_numpy(np.stack(poses)).float()
-    return PosedImages(rgb=rgb.clamp(0.0, 1.0).contiguous(), mask=mask.contiguous(), c2w=c2w, fovy=fovy, paths=paths)
+    return PosedImages(
+        rgb=rgb.clamp(0.0, 1.0).contiguous(), mask=mask.contiguous(), c2w=c2w, fovy=fovy, paths=paths, light=light
+    )
 
 
 @dataclass
@@ -177,9 +212,20 @@ class PosedImagesConfig:
     eval_fovy_deg: Optional[float] = None  # default: from camera_angle_x
 
 
-def _head_lights(camera_positions: Tensor, distance: float) -> Tensor:
-    """Lights along each camera's direction from the origin, at ``distance``."""
-    return F.normalize(camera_positions, dim=-1) * distance
+def lighting(c2w: Tensor, light: Optional[CameraLight], head_light_distance: float) -> Dict[str, Any]:
+    """Batch entries for the lights of views c2w (B, 4, 4): ``light_positions`` (B, 3), and the
+    material's ``shading`` (+ ``ambient_ratio``).
+
+    With a recorded :class:`CameraLight` the light follows each camera as in the images and shading
+    materials shade ("diffuse"), so their albedo comes out unlit. Without one the light sits along
+    the camera's direction from the origin at ``head_light_distance``, and shading materials return
+    the albedo ("albedo"): the images' own lighting is fitted into it.
+    """
+    if light is None:
+        return {"light_positions": F.normalize(c2w[:, :3, 3], dim=-1) * head_light_distance, "shading": "albedo"}
+    direction = F.normalize(torch.tensor(light.direction_camera, dtype=c2w.dtype, device=c2w.device), dim=0)
+    positions = c2w[:, :3, 3] + (c2w[:, :3, :3] @ direction) * CAMERA_LIGHT_DISTANCE
+    return {"light_positions": positions, "shading": "diffuse", "ambient_ratio": light.ambient_ratio}
 
 
 class PosedImagesIterableDataset(IterableDataset, Updateable):
@@ -214,19 +260,20 @@ class PosedImagesIterableDataset(IterableDataset, Updateable):
 
             directions, rgb, mask = gather(directions), gather(rgb), gather(mask)
             height, width = 1, per_view
+        lights = lighting(c2w, self.images.light, self.light_distance)
         batch = camera_batch(
             c2w=c2w,
             elevation=self.elevation[index],
             azimuth=self.azimuth[index],
             camera_distances=self.distance[index],
             fovy=torch.full((len(index),), self.images.fovy),
-            light_positions=_head_lights(c2w[:, :3, 3], self.light_distance),
+            light_positions=lights.pop("light_positions"),
             height=height,
             width=width,
             n_view=len(index),
             directions=directions,
         )
-        batch.update(rgb=rgb, mask=mask, index=index)
+        batch.update(rgb=rgb, mask=mask, index=index, **lights)
         return batch
 
     def __iter__(self) -> Iterator[Batch]:
@@ -291,18 +338,19 @@ class PosedImagesDataModule(pl.LightningDataModule, Updateable):
         images = self.images
         c2w = images.c2w[index]
         elevation, azimuth, distance = spherical_from_position(c2w[:, :3, 3])
+        lights = lighting(c2w, images.light, self.cfg.light_distance)
         batch = camera_batch(
             c2w=c2w,
             elevation=elevation,
             azimuth=azimuth,
             camera_distances=distance,
             fovy=torch.full((len(index),), images.fovy),
-            light_positions=_head_lights(c2w[:, :3, 3], self.cfg.light_distance),
+            light_positions=lights.pop("light_positions"),
             height=images.height,
             width=images.width,
             n_view=len(index),
         )
-        batch.update(rgb=images.rgb[index], mask=images.mask[index], index=index)
+        batch.update(rgb=images.rgb[index], mask=images.mask[index], index=index, **lights)
         return batch
 
     def eval_camera(self) -> Dict[str, float]:
@@ -320,13 +368,16 @@ class PosedImagesDataModule(pl.LightningDataModule, Updateable):
             raise UserError(f"config key 'data.n_test_views' must be >= 1, got {self.cfg.n_test_views}")
         camera = self.eval_camera()
         views = orbit_views(self.cfg.n_test_views, camera["elevation"], camera["distance"], camera["fovy"])
-        return camera_batch(
-            light_positions=_head_lights(views["c2w"][:, :3, 3], self.cfg.light_distance),
+        lights = lighting(views["c2w"], self.images.light, self.cfg.light_distance)
+        batch = camera_batch(
+            light_positions=lights.pop("light_positions"),
             height=self.images.height,
             width=self.images.width,
             n_view=self.cfg.n_test_views,
             **views,
         )
+        batch.update(lights)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_dataset, batch_size=None, num_workers=0)

@@ -49,17 +49,20 @@ def _vocab(args: argparse.Namespace) -> None:
 def _render(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from threestudio_mv.data.procedural import orbit_cameras, parse_caption, render_views
+    from threestudio_mv.data.procedural import Light, orbit_cameras, parse_caption, render_views
     from threestudio_mv.utils.io import save_image, save_json
 
     asset = parse_caption(args.prompt)
+    light = Light()
+    if abs(light.ambient + light.diffuse - 1.0) > 1e-6:  # transforms.json records one ratio
+        raise ValueError("the procedural light's ambient and diffuse must sum to 1")
     if args.views < 1 or args.size < 1:
         raise UserError("--views and --size must be positive")
     out = Path(args.out)
     cameras = orbit_cameras(args.views, args.elevation, args.fovy, args.distance)
     frames = []
     for i in tqdm(range(args.views), desc="rendering", unit="view"):
-        view = render_views(asset, cameras["c2w"][i : i + 1], cameras["fovy"][i : i + 1], args.size)
+        view = render_views(asset, cameras["c2w"][i : i + 1], cameras["fovy"][i : i + 1], args.size, light=light)
         rgba = torch.cat([view["rgb_fg"][0], view["alpha"][0, ..., None]], dim=-1)
         save_image(out / f"rgb_{i:03d}.png", rgba)
         np.save(out / f"depth_{i:03d}.npy", view["depth"][0].numpy().astype(np.float32))
@@ -86,6 +89,8 @@ def _render(args: argparse.Namespace) -> None:
             "angles in degrees",
             "rgb": "RGBA PNG, straight alpha, composite over any background (rendered over white)",
             "depth": "float32 .npy (H, W): z-depth along the camera's viewing axis in world units, 0 = background",
+            # The renderer's light: fixed in the camera frame; shade = ambient + diffuse * max(0, n.l).
+            "light": {"direction_camera": list(light.direction), "ambient_ratio": light.ambient},
             "frames": frames,
         },
     )
@@ -118,7 +123,7 @@ def _dataset(args: argparse.Namespace) -> None:
 def _sheet(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from threestudio_mv.data.procedural import orbit_cameras, parse_caption, render_views
+    from threestudio_mv.data.procedural import Light, orbit_cameras, parse_caption, render_views
     from threestudio_mv.utils.io import image_grid, save_image
 
     cameras = orbit_cameras(args.views, args.elevation)
