@@ -1,12 +1,16 @@
 """Evaluate text-to-3D against the procedural ground truth.
 
     python -m threestudio_mv.eval.text_to_3d --configs configs/mvdream.yaml configs/mvdream-sds.yaml \
-        --split heldout --num 10 --out outputs/eval-t23d [key=value overrides for every run]
+        --split heldout --num 10 --out outputs/eval-t23d [--jobs 2] [--reuse] [key=value overrides for every run]
 
 For each caption and config: runs ``launch.py --train --export --test``, loads the exported mesh and
 compares it with the asset's ground-truth mesh: volumetric IoU, Chamfer-L1 (units of the GT
 bounding-box diagonal), mean surface colour error (CIELAB delta-E) and, for assets with a front,
-the front score (below). Prints a JSON summary and writes ``results.json`` and ``table.md``.
+the front score (below). Prints a JSON summary and writes ``results.json``, ``table.md`` and
+``first_frames.png`` (each run's first turntable frame: one row per caption, one column per config).
+``--jobs N`` runs N trials at once, each with cores / N torch threads (tiny models scale badly
+across threads, so 2 jobs of 1 thread beat 1 job of 2 on 2 cores); ``--reuse`` scores trials that
+already have an export instead of rerunning them.
 
 Front score (Janus check): coloured Chamfer distance d(A, B) between surface samples (xyz plus 0.25 x
 RGB). With R the half-turn about z, front = (d(R pred, gt) - d(pred, gt)) / d(R gt, gt). 1 = the
@@ -16,6 +20,7 @@ are scored; a result counts as single-faced when its score is > 0.5.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -82,20 +87,29 @@ def latest_export(trial: Path) -> Path:
     return exports[-1]
 
 
-def run_one(config: Path, caption: str, out: Path, overrides: List[str]) -> Dict[str, Any]:
-    name = f"eval-{config.stem}"
-    tag = caption.replace(" ", "_")
+def trial_path(config: Path, caption: str, out: Path) -> Path:
+    return out / f"eval-{config.stem}" / caption.replace(" ", "_")
+
+
+def run_one(config: Path, caption: str, out: Path, overrides: List[str], threads: int, reuse: bool) -> Dict[str, Any]:
+    trial = trial_path(config, caption, out)
+    name, tag = trial.parent.name, trial.name
+    if reuse and list((trial / "save").glob("it*-export/model.obj")):
+        seconds = json.loads((trial / "eval_seconds.json").read_text())["seconds"] if (trial / "eval_seconds.json").is_file() else None
+        metrics = mesh_metrics(mesh_from_export(latest_export(trial)), caption)
+        return {"caption": caption, "config": config.stem, "seconds": seconds, "trial": str(trial), **metrics}
     command = [
         sys.executable, str(REPO_ROOT / "launch.py"), "--config", str(config), "--train", "--export", "--test",
         f"system.prompt_processor.prompt={caption}", f"name={name}", f"tag={tag}", "use_timestamp=false",
         f"exp_root_dir={out}", "trainer.enable_progress_bar=false", *overrides,
     ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.time()
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
     seconds = time.time() - start
     if result.returncode != 0:
         return {"caption": caption, "config": config.stem, "error": result.stderr.strip().splitlines()[-1:], "seconds": seconds}
-    trial = out / name / tag
+    save_json(trial / "eval_seconds.json", {"seconds": seconds, "threads": threads})
     metrics = mesh_metrics(mesh_from_export(latest_export(trial)), caption)
     return {"caption": caption, "config": config.stem, "seconds": seconds, "trial": str(trial), **metrics}
 
@@ -122,7 +136,7 @@ def summarise(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
             "mean_chamfer_l1": float(np.mean([r["chamfer_l1"] for r in done])) if done else None,
             "mean_delta_e": float(np.mean([r["delta_e"] for r in done])) if done else None,
             "single_front": f"{sum(f > 0.5 for f in fronts)}/{len(fronts)}",
-            "mean_seconds": float(np.mean([r["seconds"] for r in done])) if done else None,
+            "mean_seconds": float(np.mean(seconds)) if (seconds := [r["seconds"] for r in done if r["seconds"]]) else None,
         }
     return summary
 
@@ -144,6 +158,26 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def first_frames_sheet(rows: List[Dict[str, Any]], path: Path) -> Optional[Path]:
+    """The first turntable frame of every finished run: one row per caption, one column per config."""
+    from threestudio_mv.utils.io import image_grid, load_image, save_image
+
+    configs = sorted({row["config"] for row in rows})
+    grid, blank = [], None
+    for caption in dict.fromkeys(row["caption"] for row in rows):
+        line = []
+        for config in configs:
+            row = next(r for r in rows if r["caption"] == caption and r["config"] == config)
+            frames = sorted((Path(row["trial"]) / "save").glob("it*-test-000.png")) if "trial" in row else []
+            line.append(load_image(frames[-1])[..., :3] if frames else None)
+            if frames:
+                blank = np.ones_like(line[-1])
+        grid.append(line)
+    if blank is None:
+        return None
+    return save_image(path, image_grid([[image if image is not None else blank for image in line] for line in grid]))
+
+
 @exit_on_user_error
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,21 +186,31 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--num", type=int, default=10)
     parser.add_argument("--captions", nargs="*", help="explicit captions instead of --split/--num")
     parser.add_argument("--out", default="outputs/eval-text-to-3d")
+    parser.add_argument("--jobs", type=int, default=1, help="trials run at once")
+    parser.add_argument("--reuse", action="store_true", help="score trials that already have an export")
     args, overrides = parser.parse_known_args(argv)
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     configs = [Path(c).resolve() for c in args.configs]
     for config in configs:
         if not config.is_file():
             raise UserError(f"config '{config}' not found")
     captions = args.captions or pick_captions(args.split, args.num)
     out = Path(args.out).resolve()
-    rows = []
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     jobs = [(caption, config) for caption in captions for config in configs]
-    for caption, config in tqdm(jobs, desc="text-to-3D runs", total=len(jobs)):
-        rows.append(run_one(config, caption, out, overrides))
-        save_json(out / "results.json", {"rows": rows, "summary": summarise(rows)})
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    rows: List[Dict[str, Any]] = []
+    with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on launch.py subprocesses
+        futures = [pool.submit(run_one, config, caption, out, overrides, threads, args.reuse) for caption, config in jobs]
+        for future in tqdm(futures, desc="text-to-3D runs", total=len(jobs)):
+            rows.append(future.result())
+            save_json(out / "results.json", {"rows": rows, "summary": summarise(rows)})
     (out / "table.md").write_text(markdown_table(rows))
+    first_frames_sheet(rows, out / "first_frames.png")
     print(json.dumps(summarise(rows), indent=2))
 
 
