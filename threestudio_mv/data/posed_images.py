@@ -18,10 +18,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from threestudio_mv import register
-from threestudio_mv.data.uncond import Batch, CameraBatchDataset, camera_batch, orbit_views
+from threestudio_mv.data.uncond import Batch, CameraBatchDataset, CameraDataLoaders, camera_batch, orbit_views
 from threestudio_mv.utils.base import Updateable
 from threestudio_mv.utils.camera import camera_ray_directions, fovy_from_fovx, spherical_from_position
 from threestudio_mv.utils.config import parse_structured
@@ -282,7 +282,7 @@ class PosedImagesIterableDataset(IterableDataset, Updateable):
 
 
 @register("posed-images-datamodule")
-class PosedImagesDataModule(pl.LightningDataModule, Updateable):
+class PosedImagesDataModule(CameraDataLoaders, pl.LightningDataModule, Updateable):
     """Posed RGBA images for reconstruction: random views to train, ground-truth frames to validate,
     a turntable at the frames' mean elevation and distance to test."""
 
@@ -378,12 +378,3 @@ class PosedImagesDataModule(pl.LightningDataModule, Updateable):
         )
         batch.update(lights)
         return batch
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset, batch_size=None, num_workers=0)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=None, shuffle=False, num_workers=0)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_dataset, batch_size=None, shuffle=False, num_workers=0)

@@ -228,8 +228,26 @@ class RandomMultiviewCameraIterableDataset(IterableDataset, Updateable):
             yield self.sample()
 
 
+class CameraDataLoaders:
+    """Data-module loaders over ready-made batches: ``train_dataset`` yields whole batches,
+    ``val_dataset`` / ``test_dataset`` hold views in order (so ``batch_size=None``, no collation)."""
+
+    train_dataset: Dataset
+    val_dataset: Dataset
+    test_dataset: Dataset
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_dataset, batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=None, shuffle=False, num_workers=0)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_dataset, batch_size=None, shuffle=False, num_workers=0)
+
+
 @register("random-multiview-camera-datamodule")
-class RandomMultiviewCameraDataModule(pl.LightningDataModule, Updateable):
+class RandomMultiviewCameraDataModule(CameraDataLoaders, pl.LightningDataModule, Updateable):
     """Random multi-view camera groups for training; front-first orbits for validation and test.
 
     ``update_step`` forwards to ``train_dataset`` (resolution milestones). One process
@@ -277,11 +295,3 @@ class RandomMultiviewCameraDataModule(pl.LightningDataModule, Updateable):
             light_positions=lights, height=cfg.eval_height, width=cfg.eval_width, n_view=n_views, **views
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset, batch_size=None, num_workers=0)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=None, shuffle=False, num_workers=0)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_dataset, batch_size=None, shuffle=False, num_workers=0)

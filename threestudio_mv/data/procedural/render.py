@@ -160,7 +160,7 @@ def _render_chunk(
     }
 
 
-def _pool(x: Tensor, size: int, factor: int) -> Tensor:
+def pool_supersamples(x: Tensor, size: int, factor: int) -> Tensor:
     """Sum (B, S*f, S*f, ...) over f x f blocks -> (B, S, S, ...)."""
     batch, rest = x.shape[0], x.shape[3:]
     return x.reshape(batch, size, factor, size, factor, *rest).sum(dim=(2, 4))
@@ -196,15 +196,15 @@ def render_views(
         chunk = _render_chunk(
             asset, c2w[start : start + views_per_chunk], fovy[start : start + views_per_chunk], resolution, light, max_steps
         )
-        hits = _pool(chunk["hit"].float(), size, supersample)
+        hits = pool_supersamples(chunk["hit"].float(), size, supersample)
         covered = hits.clamp_min(1.0)
         alpha = hits / samples
-        rgb_fg = _pool(chunk["colour"], size, supersample) / covered[..., None]
+        rgb_fg = pool_supersamples(chunk["colour"], size, supersample) / covered[..., None]
         outputs["rgb_fg"].append(rgb_fg)
         outputs["rgb"].append(rgb_fg * alpha[..., None] + background_t * (1.0 - alpha[..., None]))
         outputs["alpha"].append(alpha)
-        outputs["depth"].append(_pool(chunk["depth"], size, supersample) / covered)
-        outputs["normal"].append(torch.nn.functional.normalize(_pool(chunk["normal"], size, supersample), dim=-1))
+        outputs["depth"].append(pool_supersamples(chunk["depth"], size, supersample) / covered)
+        outputs["normal"].append(torch.nn.functional.normalize(pool_supersamples(chunk["normal"], size, supersample), dim=-1))
     return {key: torch.cat(values, dim=0) for key, values in outputs.items()}
 
 
