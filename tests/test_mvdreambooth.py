@@ -1,0 +1,220 @@
+"""MVDreamBooth: the preservation term, fine-tuning a tiny model on a subject, the 3D-stage chain."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from threestudio_mv.data.subject_images import SubjectImagesDataModule
+from threestudio_mv.models.mvdiffusion.model import ModelMetadata, MultiViewDiffusionModel
+from threestudio_mv.models.mvdiffusion.unet import unet_config
+from threestudio_mv.systems.mvdreambooth import MVDreamBoothSystem, preservation_loss
+from threestudio_mv.utils.errors import UserError
+
+from test_subject_images import write_views
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = {"type": "learned", "words": ["a", "sks", "toy", "red", "cube"], "dim": 32, "max_length": 6}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on a busy 2-core machine run ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model_folder(path: Path) -> Path:
+    config = unet_config(
+        sample_size=16, block_out_channels=[16, 32], attention_levels=[False, True], cross_attention_dim=32, norm_num_groups=8
+    )
+    return MultiViewDiffusionModel.create(config, TEXT, ModelMetadata(image_size=16)).save_pretrained(path)
+
+
+def folder_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def system_config(model: Path, **options) -> dict:
+    return {
+        "pretrained_model_name_or_path": str(model),
+        "class_word": "toy",
+        "optimizer": {"name": "AdamW", "args": {"lr": 2e-3}},
+        "warmup_steps": 1,
+        "val_inference_steps": 2,
+        **options,
+    }
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_preservation_is_zero_at_theta0_and_grows_with_distance(norm: str) -> None:
+    anchors = [torch.randn(5, 3), torch.randn(7)]
+    assert preservation_loss([a.clone() for a in anchors], anchors, norm).item() == 0.0
+    direction = [torch.randn_like(a) for a in anchors]
+    values = [preservation_loss([a + s * d for a, d in zip(anchors, direction)], anchors, norm).item() for s in (0.1, 0.5, 2.0)]
+    assert 0.0 < values[0] < values[1] < values[2]
+    # ||theta - theta_0|| / N with N = 22 parameters: sum |d| / N, or sum d^2 / N.
+    moved = [a + 0.5 for a in anchors]
+    expected = 0.5 if norm == "l1" else 0.25
+    assert preservation_loss(moved, anchors, norm).item() == pytest.approx(expected)
+
+
+def test_preservation_gradient_pulls_back_to_theta0() -> None:
+    anchor = torch.zeros(4)
+    theta = torch.tensor([1.0, -2.0, 0.5, 0.0], requires_grad=True)
+    preservation_loss([theta], [anchor], "l2").backward()
+    assert torch.allclose(theta.grad, 2.0 * theta.detach() / 4)
+    with pytest.raises(UserError, match="preservation_norm"):
+        preservation_loss([theta], [anchor], "l3")
+
+
+def test_bad_system_options_are_user_errors(tmp_path: Path) -> None:
+    model = tiny_model_folder(tmp_path / "base")
+    with pytest.raises(UserError, match="system.class_word"):
+        MVDreamBoothSystem(system_config(model, class_word=""), trial_dir=str(tmp_path / "trial"))
+    with pytest.raises(UserError, match="system.preservation_norm"):
+        MVDreamBoothSystem(system_config(model, preservation_norm="l3"), trial_dir=str(tmp_path / "trial"))
+    with pytest.raises(UserError, match="system.stage_3d_config"):
+        MVDreamBoothSystem(system_config(model, run_3d_stage=True, stage_3d_config=str(tmp_path / "no.yaml")), trial_dir=str(tmp_path / "t"))
+
+
+def test_tiny_fine_tune_learns_the_subject_and_keeps_the_base_model(tmp_path: Path) -> None:
+    base = tiny_model_folder(tmp_path / "base")
+    before_hash = folder_hash(base)
+    write_views(tmp_path / "subject", n_views=8, size=16, posed=True)
+    datamodule = SubjectImagesDataModule({"image_dir": str(tmp_path / "subject"), "image_size": 16, "batch_size": 8})
+    system = MVDreamBoothSystem(system_config(base, lambda_preservation=10.0), trial_dir=str(tmp_path / "trial"))
+    assert system.subject_prompt == "a sks toy"
+    datamodule.setup("fit")
+    fixed = datamodule.train_set[0]
+    assert fixed["num_views"] == 4
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn((4, *fixed["images"].shape), generator=generator)
+    timesteps = torch.randint(50, 1000, (4, fixed["images"].shape[0]), generator=generator)
+
+    def subject_loss() -> float:
+        """Epsilon MSE on the subject's views over 4 fixed (noise, timestep) draws."""
+        model = system.model
+        embeddings = system.text_embeddings([system.subject_prompt] * fixed["images"].shape[0])
+        losses = []
+        with torch.no_grad():
+            for draw in range(4):
+                noisy = model.noise_scheduler().add_noise(fixed["images"], noise[draw], timesteps[draw])
+                eps = model.predict_noise(noisy, timesteps[draw], embeddings, fixed["camera"], 4)
+                losses.append(torch.nn.functional.mse_loss(eps, noise[draw]).item())
+        return sum(losses) / len(losses)
+
+    before = subject_loss()
+    trainer = pl.Trainer(
+        max_steps=40, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, val_check_interval=40, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, limit_val_batches=1,
+    )
+    trainer.fit(system, datamodule=datamodule)
+    after = subject_loss()
+    assert after < 0.8 * before, (before, after)
+    assert system.preservation().item() > 0.0
+    # The base folder is untouched; the personalised model is a new folder in the trial.
+    assert folder_hash(base) == before_hash
+    tuned = MultiViewDiffusionModel.from_pretrained(tmp_path / "trial" / "model")
+    base_model = MultiViewDiffusionModel.from_pretrained(base)
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.unet.parameters(), base_model.unet.parameters()))
+    for name, value in tuned.unet.state_dict().items():
+        assert torch.equal(value, system.model.unet.state_dict()[name]), name
+    assert (tmp_path / "trial" / "save" / "subject.png").is_file()
+    assert (tmp_path / "trial" / "save" / "it40-val.png").is_file()
+
+
+def test_stage_3d_command_uses_the_personalised_model(tmp_path: Path) -> None:
+    model = tiny_model_folder(tmp_path / "base")
+    system = MVDreamBoothSystem(
+        system_config(model, run_3d_stage=True, identifier="zxq", stage_3d_overrides=["trainer.max_steps=3"]),
+        trial_dir=str(tmp_path / "trial"),
+    )
+    command = system.stage_3d_command()
+    assert command[1] == str(REPO / "launch.py") and str(REPO / "configs" / "mvdream.yaml") in command
+    assert f"system.guidance.pretrained_model_name_or_path={tmp_path / 'trial' / 'model'}" in command
+    assert "system.prompt_processor.prompt=a zxq toy" in command
+    assert f"exp_root_dir={tmp_path / 'trial'}" in command and "name=3d" in command and "tag=a_zxq_toy" in command
+    assert command[-1] == "trainer.max_steps=3" and {"--train", "--export", "--test"} <= set(command)
+
+
+def test_launch_chains_fine_tune_and_3d_stage(tmp_path: Path) -> None:
+    """launch.py: fine-tune a tiny model on a mesh subject, then text-to-3D with it, in one command."""
+    import trimesh
+
+    base = tiny_model_folder(tmp_path / "base")
+    mesh = trimesh.creation.icosphere(subdivisions=2)
+    mesh.export(tmp_path / "ball.obj")
+    config = OmegaConf.load(REPO / "configs" / "mvdreambooth.yaml")
+    config.merge_with({"exp_root_dir": str(tmp_path / "outputs"), "use_timestamp": False, "tag": "ball"})
+    OmegaConf.save(config, tmp_path / "db.yaml")
+    stage_overrides = (
+        "[trainer.max_steps=4,trainer.val_check_interval=4,checkpoint.every_n_train_steps=4,data.n_test_views=2,"
+        "system.geometry.isosurface_resolution=32,system.exporter.texture_size=64,data.eval_height=32,data.eval_width=32]"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), "--config", str(tmp_path / "db.yaml"), "--train",
+         f"data.image_dir={tmp_path / 'ball.obj'}", "data.image_size=16", "data.mesh_color=red",
+         f"system.pretrained_model_name_or_path={base}", "system.class_word=ball", "system.run_3d_stage=true",
+         f"system.stage_3d_overrides={stage_overrides}", "trainer.max_steps=3", "trainer.val_check_interval=3",
+         "checkpoint.every_n_train_steps=3", "system.val_inference_steps=2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    trial = tmp_path / "outputs" / "mvdreambooth" / "ball"
+    stage_3d = trial / "3d" / "a_sks_ball"
+    assert f"3D stage trial folder: {stage_3d}" in completed.stdout
+    assert (trial / "model" / "model_index.json").is_file()
+    assert (stage_3d / "save" / "it4-export" / "model.obj").is_file()
+    parsed = OmegaConf.load(stage_3d / "configs" / "parsed.yaml")
+    assert parsed.system.guidance.pretrained_model_name_or_path == str(trial / "model")
+    assert parsed.system.prompt_processor.prompt == "a sks ball"
+
+
+def test_builtin_eval_subject_is_outside_the_vocabulary() -> None:
+    from threestudio_mv.eval.dreambooth_eval import PROCEDURAL_DESCRIPTION, is_in_vocabulary, procedural_subject
+
+    assert not is_in_vocabulary(PROCEDURAL_DESCRIPTION)
+    assert is_in_vocabulary("a red cube on top of a blue cylinder")
+    lo, hi = procedural_subject().bounds()
+    assert (lo >= -0.5).all() and (hi <= 0.5).all() and float((hi - lo).max()) > 0.8
+
+
+@pytest.mark.slow
+def test_eval_cli_runs_both_arms_and_scores_them(tmp_path: Path) -> None:
+    """dreambooth_eval end to end on a tiny random model with a few steps (plumbing, not quality)."""
+    import json
+
+    base = tiny_model_folder(tmp_path / "base")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    completed = subprocess.run(
+        [sys.executable, "-m", "threestudio_mv.eval.dreambooth_eval", "--out", str(tmp_path / "eval"), "--model", str(base),
+         "--num-preservation", "2", "--finetune", "trainer.max_steps=3", "--stage-3d", "trainer.max_steps=4",
+         "trainer.val_check_interval=4", "checkpoint.every_n_train_steps=4", "data.n_test_views=2",
+         "system.geometry.isosurface_resolution=32", "system.exporter.texture_size=64"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "procedural" / "results.json").read_text())
+    assert results["subject_in_vocabulary"] is False and results["prompt"] == "a sks ice cream"
+    for arm in ("personalised", "baseline"):
+        scores = results[arm]
+        assert 0.0 <= scores["iou"] <= 1.0
+        assert (scores["export"] is None and scores["delta_e"] is None) or scores["delta_e"] > 0.0
+    assert set(results["runs"]) == {"personalised (fine-tune + 3D)", "baseline (3D)"}
+    assert set(results["preservation"]["base"]["per_caption"]) == set(results["preservation"]["captions"])
+    assert (tmp_path / "eval" / "procedural" / "views.png").is_file()

@@ -1,0 +1,364 @@
+"""Subject images for MVDreamBooth (``subject-images-datamodule``): a few images of one object.
+
+``data.image_dir`` is one of:
+
+- a folder of images: RGBA PNGs (alpha = the object), or RGB on a plain background, which is masked
+  here (the background colour is the median of the border pixels). Without cameras the images train
+  the model's 2D mode (F = 1, no camera); each is cropped to the object and re-framed so the object
+  fills ``object_fraction`` of the frame, as in the multi-view training renders.
+- the same with a ``transforms.json`` (posed images: ``camera_angle_x``, ``frames[*].file_path`` and
+  ``transform_matrix`` c2w in our convention, as written by ``python -m threestudio_mv.data.procedural
+  render``): views whose cameras form groups of 4 at one elevation and 90 degrees apart in azimuth
+  train the multi-view mode (F = 4, with cameras); the other views train as single views with their
+  cameras.
+- a mesh file (obj, glb/gltf, ply, stl, off): normalised into the canonical box, coloured with
+  ``mesh_color`` when it has no colours, and rendered here at the multi-view training cameras
+  (``mesh_views`` views in groups of 4, elevation 0-30): the multi-view mode.
+
+A training batch (as ``procedural-multiview-datamodule``'s): ``images`` (B*F, 3, S, S) in [-1, 1] over
+``background``, ``c2w`` (B*F, 4, 4), ``camera`` (B*F, 16) MVDream conditions (zeros without cameras),
+``captions`` (empty: the system sets the subject prompt) and ``num_views`` F.
+"""
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from threestudio_mv import register
+from threestudio_mv.data.mesh_render import MESH_SUFFIXES, load_subject_mesh, parse_colour, render_mesh
+from threestudio_mv.data.posed_images import TRANSFORMS_NAME, _frame_pose, _image_path, _read_transforms
+from threestudio_mv.utils.camera import mvdream_camera_condition, sample_view_groups, spherical_from_position
+from threestudio_mv.utils.config import parse_structured
+from threestudio_mv.utils.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+GROUP_SIZE = 4  # views per multi-view group, 90 degrees apart (the model's n_view)
+MIN_IMAGES = 2
+BORDER_WIDTH = 2  # pixels of the image border that estimate a plain background
+PLAIN_BORDER_FRACTION = 0.9  # this share of border pixels must match the background colour
+
+
+@dataclass
+class SubjectImagesConfig:
+    """Config of ``subject-images-datamodule`` (key ``data``)."""
+
+    image_dir: str = ""  # required: image folder (optionally with transforms.json) or a mesh file
+    image_size: int = 32  # pixels per side; must be the model's image size
+    batch_size: int = 8  # images per step (multi-view batches: batch_size // 4 groups, at least 1)
+    background: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # RGB the model was trained on
+    mask_threshold: float = 0.1  # RGB images: foreground = some channel differs from the border colour by more
+    recenter: bool = True  # images without cameras: crop to the object, re-frame it at object_fraction
+    object_fraction: float = 0.55  # share of the frame the object's larger side fills after re-framing
+    group_tolerance_deg: float = 10.0  # posed views: max elevation / azimuth error inside a 4-view group
+    # Mesh input
+    mesh_color: str = "gray"  # colour of meshes without colours: a palette name or #rrggbb
+    mesh_up_axis: str = "+z"  # obj/ply/stl/off: "+z" (front +x) or "+y" (front +z); glTF is always +y
+    mesh_views: int = 8  # rendered views, a multiple of 4
+    elevation_range: List[float] = field(default_factory=lambda: [0.0, 30.0])  # the training cameras
+    fovy_range: List[float] = field(default_factory=lambda: [30.0, 50.0])
+    relative_distance_range: List[float] = field(default_factory=lambda: [0.85, 1.0])
+    seed: int = 0
+    batches_per_epoch: int = 10000
+
+
+@dataclass
+class SubjectImages:
+    """Subject images at one size: ``rgb`` (N, S, S, 3) over the background, ``alpha`` (N, S, S),
+    ``c2w`` (N, 4, 4) or None, ``groups`` (lists of 4 view indices, azimuth 90 degrees apart in
+    order), ``singles`` (indices trained as single views), ``source`` ("images", "posed images" or
+    "mesh") and ``names`` (file names, or view names for a mesh)."""
+
+    rgb: Tensor
+    alpha: Tensor
+    c2w: Optional[Tensor]
+    groups: List[List[int]]
+    singles: List[int]
+    source: str
+    names: List[str]
+
+    @property
+    def mode(self) -> str:
+        """How the images train: "multi-view", "multi-view + single views" or "single-view"."""
+        if self.groups and self.singles:
+            return "multi-view + single views"
+        return "multi-view" if self.groups else "single-view"
+
+
+# ------------------------------------------------------------------------------------------ masking
+def border_pixels(rgb: np.ndarray, width: int = BORDER_WIDTH) -> np.ndarray:
+    """The pixels (K, 3) of an (H, W, 3) image's outer ``width``-pixel ring."""
+    mask = np.zeros(rgb.shape[:2], dtype=bool)
+    mask[:width], mask[-width:], mask[:, :width], mask[:, -width:] = True, True, True, True
+    return rgb[mask]
+
+
+def mask_plain_background(rgb: np.ndarray, threshold: float, name: str = "image") -> np.ndarray:
+    """Foreground mask (H, W) bool of an RGB image in [0, 1] on a plain background.
+
+    The background colour is the median of the border pixels; a pixel is foreground when some channel
+    differs from it by more than ``threshold``. Specks and pinholes smaller than 0.1% of the image
+    are cleaned up (scikit-image). A border that is not one colour raises a UserError naming ``name``.
+    """
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    border = border_pixels(rgb)
+    colour = np.median(border, axis=0)
+    plain = (np.abs(border - colour).max(axis=-1) <= threshold).mean()
+    if plain < PLAIN_BORDER_FRACTION:
+        raise UserError(
+            f"{name}: its border is not one plain colour (only {plain:.0%} of it matches), so the object "
+            "cannot be masked; give RGBA PNGs or photos on a plain background"
+        )
+    foreground = np.abs(rgb - colour).max(axis=-1) > threshold
+    small = max(1, int(0.001 * foreground.size))
+    foreground = remove_small_objects(foreground, max_size=small)
+    return remove_small_holes(foreground, max_size=small)
+
+
+# ------------------------------------------------------------------------------------------ images
+def read_rgba(path: Path, threshold: float) -> np.ndarray:
+    """An image file as straight RGBA float32 (H, W, 4); RGB images are masked (plain background)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+            array = np.asarray(image.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise UserError(f"cannot read image '{path}' ({error})") from None
+    if has_alpha:
+        if array[..., 3].min() > 0.99:  # an alpha channel that masks nothing: treat as RGB
+            array = array[..., :3]
+        else:
+            return array
+    mask = mask_plain_background(array, threshold, str(path))
+    return np.concatenate([array, mask[..., None].astype(np.float32)], axis=-1)
+
+
+def frame_image(rgba: np.ndarray, size: int, recenter: bool, object_fraction: float) -> Tensor:
+    """RGBA (H, W, 4) -> (size, size, 4): padded to a square (or, with ``recenter``, cropped to the
+    object and padded so its larger side is ``object_fraction`` of the frame), then resized with
+    antialiasing on premultiplied colour."""
+    alpha = rgba[..., 3]
+    height, width = alpha.shape
+    if recenter and (alpha > 0.5).any():
+        rows, cols = np.nonzero(alpha > 0.5)
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        side = int(math.ceil(max(bottom - top, right - left) / object_fraction))
+        centre_row, centre_col = (top + bottom) / 2.0, (left + right) / 2.0
+    else:
+        side = max(height, width)
+        centre_row, centre_col = height / 2.0, width / 2.0
+    canvas = np.zeros((side, side, 4), dtype=np.float32)
+    row0, col0 = int(round(centre_row - side / 2.0)), int(round(centre_col - side / 2.0))
+    src_r0, src_c0 = max(0, row0), max(0, col0)
+    src_r1, src_c1 = min(height, row0 + side), min(width, col0 + side)
+    canvas[src_r0 - row0 : src_r1 - row0, src_c0 - col0 : src_c1 - col0] = rgba[src_r0:src_r1, src_c0:src_c1]
+    premultiplied = torch.from_numpy(np.concatenate([canvas[..., :3] * canvas[..., 3:], canvas[..., 3:]], axis=-1))
+    if side != size:
+        premultiplied = F.interpolate(
+            premultiplied.permute(2, 0, 1)[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )[0].permute(1, 2, 0).clamp(0.0, 1.0)
+    return premultiplied
+
+
+def group_views(c2w: Tensor, tolerance_deg: float) -> Tuple[List[List[int]], List[int]]:
+    """Split posed views into groups of 4 at one elevation, azimuths 90 degrees apart (each group in
+    increasing azimuth, as the model was trained), and the remaining single views.
+
+    Greedy in file order: a view starts a group when unused views lie within ``tolerance_deg`` of
+    +90, +180 and +270 degrees azimuth at its elevation (the closest ones are taken).
+    """
+    elevation, azimuth, _ = spherical_from_position(c2w[:, :3, 3].double())
+    used = [False] * c2w.shape[0]
+    groups: List[List[int]] = []
+    for start in range(c2w.shape[0]):
+        if used[start]:
+            continue
+        members = [start]
+        for quarter in (1, 2, 3):
+            target = azimuth[start] + 90.0 * quarter
+            error = ((azimuth - target + 180.0) % 360.0 - 180.0).abs()
+            candidates = [
+                (float(error[j]), j) for j in range(c2w.shape[0])
+                if not used[j] and j not in members and float(error[j]) <= tolerance_deg
+                and abs(float(elevation[j] - elevation[start])) <= tolerance_deg
+            ]
+            if not candidates:
+                break
+            members.append(min(candidates)[1])
+        if len(members) == GROUP_SIZE:
+            groups.append(members)
+            for index in members:
+                used[index] = True
+    return groups, [i for i, taken in enumerate(used) if not taken]
+
+
+def _describe(files: Sequence[Path], limit: int = 5) -> str:
+    names = [f.name for f in files[:limit]]
+    more = f", ... ({len(files)} in all)" if len(files) > limit else ""
+    return ", ".join(names) + more
+
+
+def _check_count(root: Path, names: Sequence[str], found: str) -> None:
+    if len(names) < MIN_IMAGES:
+        raise UserError(
+            f"data.image_dir '{root}' holds {found}; MVDreamBooth needs at least {MIN_IMAGES} images of the "
+            "subject (4-8 recommended), or a mesh file"
+        )
+
+
+def _composite(premultiplied: Tensor, background: Sequence[float]) -> Tuple[Tensor, Tensor]:
+    alpha = premultiplied[..., 3]
+    rgb = premultiplied[..., :3] + torch.tensor(background, dtype=torch.float32) * (1.0 - alpha[..., None])
+    return rgb.clamp(0.0, 1.0), alpha
+
+
+def load_image_folder(root: Path, cfg: SubjectImagesConfig) -> SubjectImages:
+    """Images of a folder (posed when it holds transforms.json)."""
+    transforms = root / TRANSFORMS_NAME
+    if transforms.is_file():
+        _, frames, _ = _read_transforms(transforms)
+        poses = [_frame_pose(transforms, i, frame) for i, frame in enumerate(frames)]
+        paths = [_image_path(root, transforms, i, frame["file_path"]) for i, frame in enumerate(frames)]
+        _check_count(root, [p.name for p in paths], f"{len(paths)} frame in {TRANSFORMS_NAME} ({_describe(paths)})")
+        recenter = False  # re-framing would break the cameras
+    else:
+        files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+        paths = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not paths:
+            listing = f"no image ({', '.join(IMAGE_SUFFIXES)})" + (f", only {_describe(files)}" if files else ", nothing at all")
+            _check_count(root, [], listing)
+        _check_count(root, [p.name for p in paths], f"only 1 image ({paths[0].name})" if paths else "no image")
+        poses, recenter = [], cfg.recenter
+    framed = [frame_image(read_rgba(p, cfg.mask_threshold), cfg.image_size, recenter, cfg.object_fraction) for p in paths]
+    rgb, alpha = _composite(torch.stack(framed), cfg.background)
+    if poses:
+        c2w = torch.from_numpy(np.stack(poses)).float()
+        groups, singles = group_views(c2w, cfg.group_tolerance_deg)
+        return SubjectImages(rgb, alpha, c2w, groups, singles, "posed images", [p.name for p in paths])
+    return SubjectImages(rgb, alpha, None, [], list(range(len(paths))), "images", [p.name for p in paths])
+
+
+def load_mesh_subject(path: Path, cfg: SubjectImagesConfig) -> SubjectImages:
+    """Render a subject mesh at ``cfg.mesh_views`` multi-view training cameras (groups of 4)."""
+    if cfg.mesh_views < GROUP_SIZE or cfg.mesh_views % GROUP_SIZE:
+        raise UserError(f"config key 'data.mesh_views' must be a positive multiple of {GROUP_SIZE}, got {cfg.mesh_views}")
+    mesh = load_subject_mesh(path, cfg.mesh_up_axis, parse_colour(cfg.mesh_color))
+    cameras = sample_view_groups(
+        cfg.mesh_views // GROUP_SIZE, GROUP_SIZE, tuple(cfg.elevation_range), tuple(cfg.fovy_range),
+        tuple(cfg.relative_distance_range), generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    rendered = render_mesh(mesh, cameras["c2w"], cameras["fovy"], cfg.image_size, cfg.background)
+    groups = [list(range(start, start + GROUP_SIZE)) for start in range(0, cfg.mesh_views, GROUP_SIZE)]
+    names = [f"{path.name}@elev{e:.0f}_azim{a:.0f}" for e, a in zip(cameras["elevation"].tolist(), cameras["azimuth"].tolist())]
+    return SubjectImages(rendered["rgb"], rendered["alpha"], cameras["c2w"], groups, [], "mesh", names)
+
+
+def load_subject(image_dir: str, cfg: SubjectImagesConfig) -> SubjectImages:
+    """Subject images from ``image_dir`` (see the module docstring); UserErrors name the problem."""
+    if not image_dir:
+        raise UserError("config key 'data.image_dir' is required: a folder of 2+ images of the subject, or a mesh file")
+    path = Path(image_dir).expanduser()
+    if not path.exists():
+        raise UserError(f"data.image_dir '{image_dir}' does not exist")
+    if path.is_dir():
+        return load_image_folder(path, cfg)
+    if path.suffix.lower() in MESH_SUFFIXES:
+        return load_mesh_subject(path, cfg)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise UserError(f"data.image_dir '{image_dir}' is a single image; put {MIN_IMAGES}+ images of the subject in a folder")
+    raise UserError(
+        f"data.image_dir '{image_dir}' is neither an image folder nor a mesh file ({', '.join(MESH_SUFFIXES)})"
+    )
+
+
+# ------------------------------------------------------------------------------------------ batches
+class SubjectBatches(Dataset):
+    """Item i is a whole batch, drawn with a generator seeded by (seed, i).
+
+    With 4-view groups and single views both present, a batch is multi-view or single-view in
+    proportion to the images each holds (a batch has one F).
+    """
+
+    def __init__(self, subject: SubjectImages, cfg: SubjectImagesConfig) -> None:
+        self.subject, self.cfg = subject, cfg
+        self.images = subject.rgb.permute(0, 3, 1, 2).mul(2.0).sub(1.0).contiguous()
+        if subject.c2w is not None:
+            self.c2w, self.camera = subject.c2w, mvdream_camera_condition(subject.c2w)
+        else:
+            self.c2w, self.camera = torch.eye(4).expand(len(self.images), 4, 4).clone(), torch.zeros(len(self.images), 16)
+        grouped = GROUP_SIZE * len(subject.groups)
+        self.group_share = grouped / (grouped + len(subject.singles))
+
+    def __len__(self) -> int:
+        return self.cfg.batches_per_epoch
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        rng = np.random.default_rng([self.cfg.seed, index])
+        groups, singles = self.subject.groups, self.subject.singles
+        if groups and rng.random() < self.group_share:
+            count = min(len(groups), max(1, self.cfg.batch_size // GROUP_SIZE))
+            chosen = rng.choice(len(groups), size=count, replace=False)
+            views = np.concatenate([groups[g] for g in chosen])
+            num_views = GROUP_SIZE
+        else:
+            views = rng.choice(singles, size=min(len(singles), self.cfg.batch_size), replace=False)
+            num_views = 1
+        views = torch.from_numpy(np.asarray(views, dtype=np.int64))
+        return {
+            "images": self.images[views],
+            "c2w": self.c2w[views],
+            "camera": self.camera[views],
+            "captions": [""] * len(views),
+            "num_views": num_views,
+        }
+
+
+class _OneItem(Dataset):
+    """Validation and test have one step; the system chooses the captions and cameras."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        return {"index": index}
+
+
+@register("subject-images-datamodule")
+class SubjectImagesDataModule(pl.LightningDataModule):
+    """A few images of one subject for MVDreamBooth fine-tuning (see the module docstring)."""
+
+    Config = SubjectImagesConfig
+
+    def __init__(self, cfg: Optional[Any] = None) -> None:
+        super().__init__()
+        self.cfg = cfg if isinstance(cfg, SubjectImagesConfig) else parse_structured(SubjectImagesConfig, cfg, "data")
+        if self.cfg.image_size < 8:
+            raise UserError(f"config key 'data.image_size' must be at least 8, got {self.cfg.image_size}")
+        if self.cfg.batch_size < 1:
+            raise UserError(f"config key 'data.batch_size' must be at least 1, got {self.cfg.batch_size}")
+        if len(self.cfg.background) != 3:
+            raise UserError(f"config key 'data.background' expects 3 numbers (RGB in [0, 1]), got {self.cfg.background}")
+        if not 0.0 < self.cfg.object_fraction <= 1.0:
+            raise UserError(f"config key 'data.object_fraction' must be in (0, 1], got {self.cfg.object_fraction}")
+        self.subject = load_subject(self.cfg.image_dir, self.cfg)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.train_set = SubjectBatches(self.subject, self.cfg)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=None, shuffle=True, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_OneItem(), batch_size=None, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
