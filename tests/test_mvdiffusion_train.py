@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from threestudio_mv.data.multiview_shards import ProceduralMultiviewDataModule
@@ -94,7 +93,7 @@ def test_datamodule_bad_root_is_a_user_error(tmp_path: Path) -> None:
         datamodule.setup("fit")
 
 
-def test_tiny_model_learns_and_exports(tmp_path: Path) -> None:
+def test_tiny_model_learns_and_exports(tmp_path: Path, quick_trainer) -> None:
     root = write_fake_dataset(tmp_path / "data")
     datamodule = ProceduralMultiviewDataModule({"root": str(root), "batch_size": 2, "single_view_prob": 0.2, "val_num_captions": 2})
     system = MVDiffusionTrainSystem(tiny_system_config(tmp_path), trial_dir=str(tmp_path / "trial"))
@@ -112,11 +111,7 @@ def test_tiny_model_learns_and_exports(tmp_path: Path) -> None:
         return torch.nn.functional.mse_loss(eps, noise).item()
 
     before = fixed_loss()
-    trainer = pl.Trainer(
-        max_steps=30, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, val_check_interval=30, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, limit_val_batches=1,
-    )
+    trainer = quick_trainer(30)
     trainer.fit(system, datamodule=datamodule)
     after = fixed_loss()
     assert after < 0.7 * before, (before, after)

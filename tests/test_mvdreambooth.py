@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
@@ -90,7 +89,7 @@ def test_bad_system_options_are_user_errors(tmp_path: Path) -> None:
         MVDreamBoothSystem(system_config(model, run_3d_stage=True, stage_3d_config=str(tmp_path / "no.yaml")), trial_dir=str(tmp_path / "t"))
 
 
-def test_tiny_fine_tune_learns_the_subject_and_keeps_the_base_model(tmp_path: Path) -> None:
+def test_tiny_fine_tune_learns_the_subject_and_keeps_the_base_model(tmp_path: Path, quick_trainer) -> None:
     base = tiny_model_folder(tmp_path / "base")
     before_hash = folder_hash(base)
     write_views(tmp_path / "subject", n_views=8, size=16, posed=True)
@@ -117,11 +116,7 @@ def test_tiny_fine_tune_learns_the_subject_and_keeps_the_base_model(tmp_path: Pa
         return sum(losses) / len(losses)
 
     before = subject_loss()
-    trainer = pl.Trainer(
-        max_steps=40, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, val_check_interval=40, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, limit_val_batches=1,
-    )
+    trainer = quick_trainer(40)
     trainer.fit(system, datamodule=datamodule)
     after = subject_loss()
     assert after < 0.8 * before, (before, after)
