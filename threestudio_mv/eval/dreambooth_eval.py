@@ -105,20 +105,13 @@ def mesh_scores(trial: Path, gt_mesh, gt_sdf: Optional[Callable], gt_albedo: Opt
 
     A trial with no export (its field never became a surface) scores IoU 0 and no distances.
     """
-    from threestudio_mv.eval.metrics import chamfer_l1, mesh_from_export, surface_colour_error, volumetric_iou
-    from threestudio_mv.eval.text_to_3d import latest_export
+    from threestudio_mv.eval.metrics import mesh_from_export
+    from threestudio_mv.eval.text_to_3d import latest_export, shape_and_colour_scores
 
     if not finished(trial):
         return {"iou": 0.0, "chamfer_l1": None, "delta_e": None, "export": None}
     export = latest_export(trial)
-    pred = mesh_from_export(export)
-    bounds = (np.minimum(pred.bounds[0], gt_mesh.bounds[0]), np.maximum(pred.bounds[1], gt_mesh.bounds[1]))
-    iou = volumetric_iou(pred, gt_sdf if gt_sdf is not None else gt_mesh, resolution=64, bounds=bounds)
-    if gt_albedo is not None:
-        colour = surface_colour_error(pred, gt_albedo, gt_geometry=gt_mesh)
-    else:
-        colour = surface_colour_error(pred, gt_mesh)
-    return {"iou": iou, "chamfer_l1": chamfer_l1(pred, gt_mesh), "delta_e": colour, "export": str(export)}
+    return {**shape_and_colour_scores(mesh_from_export(export), gt_mesh, gt_sdf, gt_albedo), "export": str(export)}
 
 
 def better(personalised: Dict[str, Any], baseline: Dict[str, Any], key: str, lower: bool) -> Optional[bool]:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import trimesh
@@ -65,19 +65,29 @@ def front_score(pred: trimesh.Trimesh, gt: trimesh.Trimesh) -> Optional[float]:
     return (coloured_chamfer(half_turned(pred), gt) - coloured_chamfer(pred, gt)) / asymmetry
 
 
+def shape_and_colour_scores(
+    pred: trimesh.Trimesh, gt: trimesh.Trimesh, gt_sdf: Optional[Callable] = None, gt_albedo: Optional[Callable] = None
+) -> Dict[str, float]:
+    """Volumetric IoU, Chamfer-L1 and colour delta-E of ``pred`` against a ground-truth mesh.
+
+    ``gt_sdf`` / ``gt_albedo`` (functions of points), when known, replace the mesh's inside test and
+    its vertex colours.
+    """
+    bounds = (np.minimum(pred.bounds[0], gt.bounds[0]), np.maximum(pred.bounds[1], gt.bounds[1]))
+    return {
+        "iou": volumetric_iou(pred, gt_sdf if gt_sdf is not None else gt, resolution=64, bounds=bounds),
+        "chamfer_l1": chamfer_l1(pred, gt),
+        "delta_e": surface_colour_error(pred, gt_albedo, gt_geometry=gt) if gt_albedo is not None else surface_colour_error(pred, gt),
+    }
+
+
 def mesh_metrics(pred: trimesh.Trimesh, caption: str) -> Dict[str, Any]:
     """All metrics of one exported mesh against the ground truth of ``caption``."""
     from threestudio_mv.data.procedural import asset_mesh, parse_caption
 
     asset = parse_caption(caption)
     gt = asset_mesh(asset)
-    bounds = (np.minimum(pred.bounds[0], gt.bounds[0]), np.maximum(pred.bounds[1], gt.bounds[1]))
-    return {
-        "iou": volumetric_iou(pred, asset.sdf, resolution=64, bounds=bounds),
-        "chamfer_l1": chamfer_l1(pred, gt),
-        "delta_e": surface_colour_error(pred, asset.albedo, gt_geometry=gt),
-        "front": front_score(pred, gt),
-    }
+    return {**shape_and_colour_scores(pred, gt, asset.sdf, asset.albedo), "front": front_score(pred, gt)}
 
 
 def latest_export(trial: Path) -> Path:
