@@ -139,3 +139,26 @@ def test_large_meshes_are_decimated_before_unwrapping(tmp_path: Path) -> None:
     face_uv = uv[mesh.faces].mean(axis=1)
     error = np.abs(texture_at(image, face_uv) - colour_of(torch.tensor(centroids)).numpy()).mean()
     assert error < 0.05
+
+
+def shell_colour(points: torch.Tensor) -> torch.Tensor:
+    """Red inside radius 0.45, blue outside: tells a sample inside the 0.5 sphere from one on it."""
+    inside = (points.norm(dim=-1, keepdim=True) < 0.45).float()
+    return inside * torch.tensor([1.0, 0.0, 0.0]) + (1.0 - inside) * torch.tensor([0.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("fmt", ["obj-mtl", "obj"])
+def test_colours_are_sampled_inside_the_surface_by_color_offset(tmp_path: Path, sphere: trimesh.Trimesh, fmt: str) -> None:
+    vertices, faces = tensors(sphere)
+    reds = []
+    for offset in (0.0, 0.1):
+        written = export_textured_mesh(vertices, faces, shell_colour, tmp_path / f"{offset}", fmt=fmt, texture_size=64,
+                                       save_glb=False, color_offset=offset)
+        mesh = trimesh.load(written["obj"], force="mesh", process=False)
+        if fmt == "obj":
+            colours = mesh.visual.vertex_colors[:, :3] / 255.0
+        else:
+            image = np.asarray(mesh.visual.material.image.convert("RGB"))
+            colours = texture_at(image, mesh.visual.uv[mesh.faces].mean(axis=1))
+        reds.append(colours[:, 0].mean())
+    assert reds[0] < 0.05 and reds[1] > 0.95, reds  # on the surface: blue; 0.1 inside (r = 0.4): red

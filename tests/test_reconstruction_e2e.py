@@ -39,7 +39,6 @@ def test_reconstruction_recovers_the_coloured_mesh(tmp_path: Path) -> None:
     chamfer = chamfer_l1(pred, gt)
     delta_e = surface_colour_error(pred, asset.albedo, gt_geometry=gt)
     print(f"reconstruction: {seconds:.0f} s, IoU {iou:.3f}, Chamfer-L1 {chamfer:.4f}, delta-E {delta_e:.1f}")
-    # Measured (2 CPU cores, ~2 min 15 s): IoU 0.88, Chamfer-L1 0.009, delta-E 10.1. The issue asks for
-    # delta-E <= 10 (the red cap's albedo is still a little desaturated); the colour bound here leaves
-    # room for numerical differences between machines.
-    assert chamfer <= 0.02 and iou >= 0.8 and delta_e <= 12.0, (iou, chamfer, delta_e)
+    # Measured (2 CPU cores, ~2 min 15 s): IoU 0.88, Chamfer-L1 0.009, delta-E 6.1 (colours sampled 0.02
+    # inside the surface; 10.1 on it, where the never-seen underside of the cap was pink).
+    assert chamfer <= 0.02 and iou >= 0.8 and delta_e <= 10.0, (iou, chamfer, delta_e)
