@@ -7,6 +7,7 @@ import torch
 from threestudio_mv.models.guidance.cfg import predict_noise_with_cfg
 from threestudio_mv.models.guidance.multiview_diffusion_guidance import (
     MultiviewDiffusionGuidance,
+    anchor_background,
     rescale_x0_per_group,
     sds_weight,
 )
@@ -116,3 +117,23 @@ def test_pixel_x0_target_is_clamped_to_image_range(tiny_model_dir):
     latents, _ = grad_wrt_input(guidance, rgb, cond, uncond, c2w, 950, None)
     target = latents.detach() - latents.grad * 8  # loss normalised by B = 8
     assert target.min() >= -1.0 - 1e-5 and target.max() <= 1.0 + 1e-5
+
+
+def test_anchor_background_removes_a_colour_cast_from_the_whole_image():
+    image = torch.ones(2, 3, 8, 8)
+    image[:, :, 3:5, 3:5] = torch.tensor([0.5, -0.5, -0.5]).view(3, 1, 1)  # a red object on white
+    cast = torch.tensor([[-0.2, 0.1, -0.3], [0.05, -0.1, 0.0]]).view(2, 3, 1, 1)
+    anchored = anchor_background(image + cast, torch.ones(3))
+    assert torch.allclose(anchored, image, atol=1e-6)
+
+
+def test_x0_target_border_is_anchored_to_the_background(tiny_model_dir):
+    guidance = MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "clip_x0": False,
+                                           "recon_anchor_background": [1.0, 0.5, 0.0]})
+    rgb, cond, uncond, c2w = make_inputs(guidance)
+    latents, _ = grad_wrt_input(guidance, rgb, cond, uncond, c2w, 700, None)
+    target = latents.detach() - latents.grad * 8
+    border = torch.cat([target[..., 0, :], target[..., -1, :], target[..., :, 0], target[..., :, -1]], dim=-1)
+    assert torch.allclose(border.median(dim=-1).values, torch.tensor([1.0, 0.0, -1.0]).expand(8, 3), atol=1e-5)
+    with pytest.raises(UserError, match="recon_anchor_background"):
+        MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "recon_anchor_background": [1.0, 1.0]})
