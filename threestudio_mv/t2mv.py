@@ -33,6 +33,7 @@ def text_to_multiview(
     seed: int = 0,
     n_view: Optional[int] = None,
     progress: bool = True,
+    anchor: bool = True,
 ) -> Dict[str, np.ndarray]:
     """Views of G prompts (``cond_embeddings`` (G, L, D)) on one orbit; None options: model defaults.
 
@@ -59,6 +60,7 @@ def text_to_multiview(
         num_inference_steps=num_inference_steps or meta.num_inference_steps,
         generator=torch.Generator().manual_seed(seed),
         progress=progress,
+        anchor=anchor,
     )
     uint8 = (images.permute(0, 2, 3, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
     result = {key: value.numpy().astype(np.float32) for key, value in views.items()}
@@ -78,6 +80,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     parser.add_argument("--cache-dir", default=None, help="text embedding cache folder")
+    parser.add_argument("--no-anchor", action="store_true",
+                        help="do not anchor each step's x0 to the model's training background (metadata.background)")
     parser.add_argument("--out", required=True, help="output PNG; the cameras go beside it as .npz")
     return parser.parse_args(argv)
 
@@ -105,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     )()
     result = text_to_multiview(
         model, prompts.cond, prompts.uncond, args.elevation, args.azimuth_start, args.fovy, args.steps,
-        args.guidance, args.seed,
+        args.guidance, args.seed, anchor=not args.no_anchor,
     )
     images = result.pop("images")[0]
     save_image(out, image_grid([list(images)]))

@@ -115,7 +115,7 @@ def visual_hull_consistency(masks: np.ndarray, c2w: torch.Tensor, fovy: torch.Te
 
 def evaluate_captions(
     model, encode, captions: List[str], elevation: float, steps: Optional[int], guidance: Optional[float],
-    seed: int, batch: int, progress: bool = True,
+    seed: int, batch: int, progress: bool = True, anchor: bool = True,
 ) -> Dict[str, object]:
     """Generate, render the truth and score ``captions``; returns rows and the mean metrics."""
     from threestudio_mv.data.procedural import parse_caption, render_views
@@ -129,7 +129,7 @@ def evaluate_captions(
         chunk = captions[start : start + batch]
         result = text_to_multiview(
             model, encode([c + suffix for c in chunk]), uncond, elevation=elevation, num_inference_steps=steps,
-            guidance_scale=guidance, seed=seed + start, progress=False,
+            guidance_scale=guidance, seed=seed + start, progress=False, anchor=anchor,
         )
         c2w, fovy = torch.from_numpy(result["c2w"]), torch.from_numpy(result["fovy"])
         for caption, generated in zip(chunk, result["images"]):
@@ -183,6 +183,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8, help="captions per sampler call")
     parser.add_argument("--cache-dir", default=None, help="text embedding cache folder")
+    parser.add_argument("--no-anchor", action="store_true", help="sample without the background anchor")
     parser.add_argument("--out", required=True, help="JSON results")
     parser.add_argument("--grid", default=None, help="PNG of --grid-prompts prompts (generated | truth)")
     parser.add_argument("--grid-prompts", type=int, default=12)
@@ -213,14 +214,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         "model": str(args.model or "bundled"),
         "settings": {"elevation": args.elevation, "steps": args.steps or model.metadata.num_inference_steps,
                      "guidance": args.guidance or model.metadata.guidance_scale, "seed": args.seed,
-                     "fovy": model.metadata.default_fovy, "foreground_threshold": FOREGROUND_THRESHOLD},
+                     "fovy": model.metadata.default_fovy, "foreground_threshold": FOREGROUND_THRESHOLD,
+                     "background_anchor": None if args.no_anchor else model.metadata.background},
     }
     all_rows: Dict[str, list] = {}
     with torch.no_grad():
         for split, captions in splits.items():
             if not captions:
                 continue
-            scored = evaluate_captions(model, encode, captions, args.elevation, args.steps, args.guidance, args.seed, args.batch)
+            scored = evaluate_captions(model, encode, captions, args.elevation, args.steps, args.guidance, args.seed,
+                                       args.batch, anchor=not args.no_anchor)
             all_rows[split] = scored["rows"]
             results[split] = {
                 **scored["summary"],

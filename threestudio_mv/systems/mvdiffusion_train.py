@@ -137,8 +137,10 @@ class MVDiffusionTrainSystem(BaseSystem):
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.model.vae is None and datamodule is not None and hasattr(datamodule, "pixel_mean"):
             init_mean = datamodule.pixel_mean()
-            self.model.metadata.init_mean = init_mean
-            self.ema_model.metadata.init_mean = init_mean
+            background = [float(c) for c in datamodule.cfg.background]
+            for model in (self.model, self.ema_model):
+                model.metadata.init_mean = init_mean
+                model.metadata.background = background  # samplers anchor x0 to it
         if self.text_cache is not None and datamodule is not None and hasattr(datamodule, "texts"):
             texts = self._with_suffix(datamodule.texts()) + [""]
             self.text_cache.encode(texts, progress=self.trainer.is_global_zero)

@@ -1,4 +1,5 @@
-"""The one classifier-free-guidance helper, shared by the sampler and the SDS guidance."""
+"""What the sampler and the SDS guidance share: classifier-free guidance, and the background anchor
+of x0 predictions."""
 from typing import Optional, Tuple
 
 import torch
@@ -35,3 +36,19 @@ def predict_noise_with_cfg(
     )
     eps_cond, eps_uncond = eps.chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond), eps_cond, eps_uncond
+
+
+def anchor_background(x0: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """Shift each image of ``x0`` (B, C, H, W) per channel so that the median of its border pixels is
+    ``background`` (C,).
+
+    A small model's x0 predictions come with a global colour cast (CFG amplifies it: measured on
+    true renders of held-out objects at CFG 5, the background is 0.07 below white at t = 500 and
+    0.12 at t = 800). Where the background is known (the renderer's in SDS, the training renders'
+    when sampling) the cast is an error: in x0-SDS it can only be matched by coloured haze in the
+    volume, and in sampling it tints the views. Objects are framed with a margin, so the border is
+    background.
+    """
+    border = torch.cat([x0[..., 0, :], x0[..., -1, :], x0[..., :, 0], x0[..., :, -1]], dim=-1)
+    shift = background.to(x0).view(1, -1) - border.median(dim=-1).values
+    return x0 + shift[..., None, None]

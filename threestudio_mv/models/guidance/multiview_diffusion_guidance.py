@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from threestudio_mv import register
-from threestudio_mv.models.guidance.cfg import predict_noise_with_cfg
+from threestudio_mv.models.guidance.cfg import anchor_background, predict_noise_with_cfg
 from threestudio_mv.utils.base import Updateable
 from threestudio_mv.utils.camera import mvdream_camera_condition
 from threestudio_mv.utils.config import C, Schedule, parse_structured, schedule
@@ -32,21 +32,6 @@ def sds_weight(alphas_cumprod_t: torch.Tensor, weighting: str) -> torch.Tensor:
     if weighting == "inverse_snr":
         return ((1.0 - alphas_cumprod_t) / alphas_cumprod_t).sqrt()
     raise UserError(f"config key 'system.guidance.weighting': unknown '{weighting}'; use one of {', '.join(WEIGHTINGS)}")
-
-
-def anchor_background(x0: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-    """Shift each image of ``x0`` (B, C, H, W) per channel so that the median of its border pixels is
-    ``background`` (C,).
-
-    A small model's x0 predictions come with a global colour cast (CFG amplifies it: measured on
-    true renders of held-out objects at CFG 5, the background is 0.07 below white at t = 500 and
-    0.12 at t = 800); the renderer's background is known, and a cast left in the target can only be
-    matched by coloured haze in the volume. Objects are framed with a margin, so the border is
-    background.
-    """
-    border = torch.cat([x0[..., 0, :], x0[..., -1, :], x0[..., :, 0], x0[..., :, -1]], dim=-1)
-    shift = background.to(x0).view(1, -1) - border.median(dim=-1).values
-    return x0 + shift[..., None, None]
 
 
 def rescale_x0_per_group(x0_cfg: torch.Tensor, x0_cond: torch.Tensor, n_view: int, rescale: float) -> torch.Tensor:

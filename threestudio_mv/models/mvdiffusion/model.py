@@ -73,6 +73,10 @@ class ModelMetadata:
     # keeps some signal at t = T (non-zero terminal SNR), and for a small pixel-space model on white
     # backgrounds starting from zero-mean noise leaves random tints on the background. None: N(0, 1).
     init_mean: Optional[List[float]] = None
+    # Background colour of the training renders (RGB in [0, 1]; pixel models). Samplers then anchor
+    # each step's x0 prediction to it (threestudio_mv.models.guidance.cfg.anchor_background), which
+    # removes the colour cast a small model leaves on the background. None: no anchor.
+    background: Optional[List[float]] = None
     description: str = ""
 
 

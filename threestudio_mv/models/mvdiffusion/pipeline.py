@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from threestudio_mv.models.guidance.cfg import predict_noise_with_cfg
+from threestudio_mv.models.guidance.cfg import anchor_background, predict_noise_with_cfg
 from threestudio_mv.models.mvdiffusion.model import MultiViewDiffusionModel
 from threestudio_mv.utils.camera import mvdream_camera_condition
 
@@ -20,13 +20,16 @@ def sample_multiview(
     num_inference_steps: int = 50,
     generator: Optional[torch.Generator] = None,
     progress: bool = True,
+    anchor: bool = True,
 ) -> torch.Tensor:
     """Generate images for G objects x ``num_views`` cameras.
 
     ``cond_embeddings`` (G*F, L, D) or (1, L, D); ``uncond_embeddings`` likewise; ``c2w`` (G*F, 4, 4)
     in our camera convention, views of one object contiguous. ``generator`` (a CPU generator) makes
     the initial noise reproducible on any device; with ``model.metadata.init_mean`` the start is the
-    forward process's marginal at the first timestep. Returns images (G*F, 3, H, W) in [0, 1].
+    forward process's marginal at the first timestep. With ``anchor`` and a pixel model whose
+    ``metadata.background`` is set, each step's x0 prediction is shifted so its border is that colour
+    (:func:`~threestudio_mv.models.guidance.cfg.anchor_background`). Returns images (G*F, 3, H, W) in [0, 1].
     """
     device = model.device
     batch = c2w.shape[0]
@@ -39,11 +42,18 @@ def sample_multiview(
         alpha_bar = scheduler.alphas_cumprod[scheduler.timesteps[0]].to(device)
         mean = torch.tensor(model.metadata.init_mean, dtype=sample.dtype, device=device).view(1, -1, 1, 1)
         sample = alpha_bar.sqrt() * mean + (1.0 - alpha_bar).sqrt() * sample
+    background = None
+    if anchor and model.metadata.background is not None and not model.metadata.latent:
+        background = torch.tensor(model.metadata.background, dtype=sample.dtype, device=device) * 2.0 - 1.0
     for timestep in tqdm(scheduler.timesteps, total=len(scheduler.timesteps), desc="DDIM", disable=not progress):
         eps, _, _ = predict_noise_with_cfg(
             model, sample, timestep, cond_embeddings.to(device), uncond_embeddings.to(device),
             camera, num_views, guidance_scale,
         )
+        if background is not None:
+            alpha_bar = scheduler.alphas_cumprod[timestep].to(device)
+            x0 = anchor_background((sample - (1.0 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt(), background)
+            eps = (sample - alpha_bar.sqrt() * x0) / (1.0 - alpha_bar).sqrt()
         sample = scheduler.step(eps, timestep, sample, eta=0.0).prev_sample
     images = model.decode_samples(sample)
     return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
