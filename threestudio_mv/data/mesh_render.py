@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from threestudio_mv.data.procedural.render import Light, pool_supersamples
+from threestudio_mv.data.procedural.render import Light, resolve_supersamples
 from threestudio_mv.models.exporters.rasterize import rasterize_triangles_2d
 from threestudio_mv.utils import camera
 from threestudio_mv.utils.errors import UserError
@@ -127,8 +127,7 @@ def _render_view(
     # Two-sided: a normal facing away from the camera is flipped (meshes with mixed winding).
     to_camera = c2w[:3, 3] - points
     normal = torch.where(((normal * to_camera).sum(dim=-1) < 0)[:, None], -normal, normal)
-    light_world = c2w[:3, :3] @ torch.nn.functional.normalize(torch.tensor(light.direction), dim=0)
-    shade = light.ambient + light.diffuse * (normal @ light_world).clamp_min(0.0)
+    shade = light.shade(normal, c2w[:3, :3])
     hit[pixel] = True
     colour[pixel] = (albedo * shade[:, None]).clamp(0.0, 1.0)
     return hit.view(resolution, resolution), colour.view(resolution, resolution, 3)
@@ -156,15 +155,8 @@ def render_mesh(
     c2w = c2w.detach().float().cpu()
     fovy = torch.as_tensor(fovy, dtype=torch.float32).reshape(-1).expand(c2w.shape[0])
     resolution = size * supersample
-    samples = float(supersample * supersample)
-    background_t = torch.tensor(background, dtype=torch.float32)
-    rgb, rgb_fg, alpha = [], [], []
-    for view in range(c2w.shape[0]):
-        hit, colour = _render_view(vertices, faces, colours, normals, c2w[view], fovy[view], resolution, light)
-        hits = pool_supersamples(hit.float()[None], size, supersample)[0]
-        coverage = hits / samples
-        straight = pool_supersamples(colour[None], size, supersample)[0] / hits.clamp_min(1.0)[..., None]
-        rgb_fg.append(straight)
-        alpha.append(coverage)
-        rgb.append(straight * coverage[..., None] + background_t * (1.0 - coverage[..., None]))
-    return {"rgb": torch.stack(rgb), "rgb_fg": torch.stack(rgb_fg), "alpha": torch.stack(alpha)}
+    views = [_render_view(vertices, faces, colours, normals, c2w[view], fovy[view], resolution, light) for view in range(c2w.shape[0])]
+    hit = torch.stack([h for h, _ in views])
+    colour = torch.stack([c for _, c in views])
+    resolved = resolve_supersamples(hit, colour, size, supersample, torch.tensor(background, dtype=torch.float32))
+    return {key: resolved[key] for key in ("rgb", "rgb_fg", "alpha")}

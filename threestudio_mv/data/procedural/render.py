@@ -35,6 +35,13 @@ class Light:
     diffuse: float = 0.45
     direction: Tuple[float, float, float] = (0.45, 0.75, 1.0)
 
+    def shade(self, normals: Tensor, camera_rotation: Tensor) -> Tensor:
+        """Shade factor (N,) of world-space unit ``normals`` (N, 3) seen by cameras whose c2w
+        rotation is ``camera_rotation`` ((3, 3), or (N, 3, 3) one per normal)."""
+        direction = torch.nn.functional.normalize(torch.tensor(self.direction, device=normals.device), dim=0)
+        light_world = camera_rotation @ direction
+        return self.ambient + self.diffuse * (normals * light_world).sum(dim=-1).clamp_min(0.0)
+
 
 def orbit_cameras(
     n_views: int,
@@ -140,10 +147,7 @@ def _render_chunk(
         points = rays_o[index] + t[index, None] * rays_d[index]
         hit_normal, hit_part = surface_normals_and_parts(asset, points)
         view = torch.div(index, per_ray, rounding_mode="floor")
-        light_camera = torch.nn.functional.normalize(torch.tensor(light.direction, device=c2w.device), dim=0)
-        light_world = (c2w[:, :3, :3] @ light_camera)[view]
-        lambert = (hit_normal * light_world).sum(dim=-1).clamp_min(0.0)
-        shade = light.ambient + light.diffuse * lambert
+        shade = light.shade(hit_normal, c2w[view, :3, :3])
         albedo = asset.palette(c2w.device)[hit_part]
         colour[index] = (albedo * shade[:, None]).clamp(0.0, 1.0)
         normal[index] = hit_normal
@@ -164,6 +168,18 @@ def pool_supersamples(x: Tensor, size: int, factor: int) -> Tensor:
     """Sum (B, S*f, S*f, ...) over f x f blocks -> (B, S, S, ...)."""
     batch, rest = x.shape[0], x.shape[3:]
     return x.reshape(batch, size, factor, size, factor, *rest).sum(dim=(2, 4))
+
+
+def resolve_supersamples(hit: Tensor, colour: Tensor, size: int, factor: int, background: Tensor) -> Dict[str, Tensor]:
+    """Sub-pixel hits (B, S*f, S*f) bool and colours (B, S*f, S*f, 3) (0 where missed) -> ``alpha``
+    (coverage), ``rgb_fg`` (straight colour), ``rgb`` (composited over ``background`` (3,)) and
+    ``hits`` (covered sub-pixels, >= 1, for averaging other per-hit quantities), each (B, S, S, ...)."""
+    hits = pool_supersamples(hit.float(), size, factor)
+    alpha = hits / (factor * factor)
+    covered = hits.clamp_min(1.0)
+    rgb_fg = pool_supersamples(colour, size, factor) / covered[..., None]
+    rgb = rgb_fg * alpha[..., None] + background * (1.0 - alpha[..., None])
+    return {"rgb": rgb, "rgb_fg": rgb_fg, "alpha": alpha, "hits": covered}
 
 
 def render_views(
@@ -191,19 +207,14 @@ def render_views(
     views_per_chunk = max(1, _MAX_RAYS_PER_CHUNK // (resolution * resolution))
     outputs = {key: [] for key in ("rgb", "rgb_fg", "alpha", "depth", "normal")}
     background_t = torch.tensor(background, dtype=torch.float32, device=c2w.device)
-    samples = supersample * supersample
     for start in range(0, c2w.shape[0], views_per_chunk):
         chunk = _render_chunk(
             asset, c2w[start : start + views_per_chunk], fovy[start : start + views_per_chunk], resolution, light, max_steps
         )
-        hits = pool_supersamples(chunk["hit"].float(), size, supersample)
-        covered = hits.clamp_min(1.0)
-        alpha = hits / samples
-        rgb_fg = pool_supersamples(chunk["colour"], size, supersample) / covered[..., None]
-        outputs["rgb_fg"].append(rgb_fg)
-        outputs["rgb"].append(rgb_fg * alpha[..., None] + background_t * (1.0 - alpha[..., None]))
-        outputs["alpha"].append(alpha)
-        outputs["depth"].append(pool_supersamples(chunk["depth"], size, supersample) / covered)
+        resolved = resolve_supersamples(chunk["hit"], chunk["colour"], size, supersample, background_t)
+        for key in ("rgb", "rgb_fg", "alpha"):
+            outputs[key].append(resolved[key])
+        outputs["depth"].append(pool_supersamples(chunk["depth"], size, supersample) / resolved["hits"])
         outputs["normal"].append(torch.nn.functional.normalize(pool_supersamples(chunk["normal"], size, supersample), dim=-1))
     return {key: torch.cat(values, dim=0) for key, values in outputs.items()}
 
