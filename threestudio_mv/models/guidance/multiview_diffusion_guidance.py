@@ -75,6 +75,10 @@ class MultiviewDiffusionGuidance(Updateable):
         self.model = MultiViewDiffusionModel.from_pretrained(self.cfg.pretrained_model_name_or_path).requires_grad_(False).eval()
         self.alphas_cumprod = self.model.noise_scheduler().alphas_cumprod.float()
         self.num_train_timesteps = int(self.alphas_cumprod.shape[0])
+        # the anchor colour in the model's pixel range [-1, 1]; latent models have no pixel border
+        self.anchor_colour = None
+        if anchor is not None and not self.model.metadata.latent:
+            self.anchor_colour = torch.tensor([float(c) for c in anchor]) * 2.0 - 1.0
         self.on_update_step(0, 0)
 
     @property
@@ -136,9 +140,8 @@ class MultiviewDiffusionGuidance(Updateable):
                 if self.cfg.recon_std_rescale > 0:
                     x0_cond = (noisy - (1.0 - alpha_bar).sqrt() * eps_cond) / alpha_bar.sqrt()
                     x0_cfg = rescale_x0_per_group(x0_cfg, x0_cond, n_view, self.cfg.recon_std_rescale)
-                if self.cfg.recon_anchor_background is not None and not self.model.metadata.latent:
-                    background = torch.tensor(self.cfg.recon_anchor_background) * 2.0 - 1.0
-                    x0_cfg = anchor_background(x0_cfg, background)
+                if self.anchor_colour is not None:
+                    x0_cfg = anchor_background(x0_cfg, self.anchor_colour)
                 if self.cfg.clip_x0 and not self.model.metadata.latent:
                     x0_cfg = x0_cfg.clamp(-1.0, 1.0)
                 grad = latents.detach() - x0_cfg
