@@ -11,7 +11,7 @@ import torch
 
 from threestudio_mv.data.multiview_shards import ProceduralMultiviewDataModule
 from threestudio_mv.models.mvdiffusion.model import MultiViewDiffusionModel
-from threestudio_mv.systems.mvdiffusion_train import MVDiffusionTrainSystem
+from threestudio_mv.systems.mvdiffusion_train import MVDiffusionTrainSystem, lr_factor
 from threestudio_mv.utils.camera import mvdream_camera_condition, sample_view_groups
 from threestudio_mv.utils.errors import UserError
 
@@ -93,10 +93,21 @@ def test_datamodule_bad_root_is_a_user_error(tmp_path: Path) -> None:
         datamodule.setup("fit")
 
 
+def test_lr_factor_warms_up_then_decays_on_a_cosine() -> None:
+    assert lr_factor(0, 10, None, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(50, 10, None, 100, 0.1) == 1.0  # no decay configured: constant
+    assert lr_factor(40, 10, 40, 100, 0.1) == 1.0  # decay starts after its step
+    assert lr_factor(70, 10, 40, 100, 0.1) == pytest.approx(0.55)  # halfway: the mean of 1 and 0.1
+    assert lr_factor(100, 10, 40, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(500, 10, 40, 100, 0.1) == pytest.approx(0.1)  # held after the end
+    assert lr_factor(60, 10, 40, 100, 0.1) > lr_factor(80, 10, 40, 100, 0.1)
+
+
 def test_tiny_model_learns_and_exports(tmp_path: Path, quick_trainer) -> None:
     root = write_fake_dataset(tmp_path / "data")
     datamodule = ProceduralMultiviewDataModule({"root": str(root), "batch_size": 2, "single_view_prob": 0.2, "val_num_captions": 2})
-    system = MVDiffusionTrainSystem(tiny_system_config(tmp_path), trial_dir=str(tmp_path / "trial"))
+    config = {**tiny_system_config(tmp_path), "decay_start_step": 20, "min_lr_ratio": 0.2}
+    system = MVDiffusionTrainSystem(config, trial_dir=str(tmp_path / "trial"))
     datamodule.setup("fit")
     fixed = datamodule.train_set[0]
     generator = torch.Generator().manual_seed(1)
@@ -115,6 +126,8 @@ def test_tiny_model_learns_and_exports(tmp_path: Path, quick_trainer) -> None:
     trainer.fit(system, datamodule=datamodule)
     after = fixed_loss()
     assert after < 0.7 * before, (before, after)
+    # The cosine decay from step 20 ends at min_lr_ratio * lr at max_steps.
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.2 * 3e-3)
     # Validation grid (2 captions x 4 views of 16 px, 2 px padding) and the exported EMA model.
     grids = list((tmp_path / "trial" / "save").glob("it30-val.png"))
     assert len(grids) == 1

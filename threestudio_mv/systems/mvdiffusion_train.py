@@ -1,13 +1,14 @@
 """System `mvdiffusion-train-system`: train the multi-view diffusion model (MVDream architecture).
 
 Epsilon loss on groups of views (one timestep per object), 10% condition dropout for CFG, an EMA of
-the weights (what gets exported), AdamW with linear warm-up. Frozen text encoders run once per text
-(on-disk cache) and never enter the training graph. Validation saves a grid (captions x views) of
-DDIM samples from the EMA model; the EMA model folder is exported to ``<trial>/model/`` every
-``export_every_n_steps`` and at the end.
+the weights (what gets exported), AdamW with linear warm-up and an optional cosine decay. Frozen
+text encoders run once per text (on-disk cache) and never enter the training graph. Validation
+saves a grid (captions x views) of DDIM samples from the EMA model; the EMA model folder is exported
+to ``<trial>/model/`` every ``export_every_n_steps`` and at the end.
 """
 import argparse
 import csv
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -53,6 +54,16 @@ class NewModelConfig:
     description: str = ""
 
 
+def lr_factor(step: int, warmup_steps: int, decay_start_step: Optional[int], end_step: int, min_lr_ratio: float) -> float:
+    """Multiplier of the base lr at ``step``: linear warm-up over ``warmup_steps``, then constant, or
+    from ``decay_start_step`` a cosine down to ``min_lr_ratio`` at ``end_step`` (held after it)."""
+    factor = min(1.0, (step + 1) / max(1, warmup_steps))
+    if decay_start_step is not None and end_step > decay_start_step and step > decay_start_step:
+        progress = min(1.0, (step - decay_start_step) / (end_step - decay_start_step))
+        factor *= min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
 @register("mvdiffusion-train-system")
 class MVDiffusionTrainSystem(BaseSystem):
     """Trains a :class:`MultiViewDiffusionModel` on ``procedural-multiview-datamodule`` batches."""
@@ -65,6 +76,10 @@ class MVDiffusionTrainSystem(BaseSystem):
             default_factory=lambda: OptimizerConfig(name="AdamW", args={"lr": 5e-4, "betas": [0.9, 0.999], "weight_decay": 0.01})
         )
         warmup_steps: int = 100
+        # Cosine lr decay from this step to trainer.max_steps, ending at min_lr_ratio * lr; None = constant lr.
+        # Set it when resuming for a final phase: the lambda is recomputed from the config on resume.
+        decay_start_step: Optional[int] = None
+        min_lr_ratio: float = 0.1
         cond_drop_prob: float = 0.1  # fraction of objects trained with the empty prompt (for CFG)
         # "Offset noise": add noise_offset * N(0,1) per image and channel to the noise, so an epsilon
         # model with SD's schedule (non-zero terminal SNR) can learn uniform backgrounds; 0 = off.
@@ -183,8 +198,10 @@ class MVDiffusionTrainSystem(BaseSystem):
 
     def configure_optimizers(self) -> Any:
         optimizer = super().configure_optimizers()
-        warmup = max(1, self.cfg.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        cfg, end = self.cfg, self.trainer.max_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.decay_start_step, end, cfg.min_lr_ratio)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ----------------------------------------------------------------------------- outputs
