@@ -131,8 +131,9 @@ def test_x0_target_border_is_anchored_to_the_background(tiny_model_dir):
     guidance = MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "clip_x0": False,
                                            "recon_anchor_background": [1.0, 0.5, 0.0]})
     rgb, cond, uncond, c2w = make_inputs(guidance)
-    latents, _ = grad_wrt_input(guidance, rgb, cond, uncond, c2w, 700, None)
+    latents, out = grad_wrt_input(guidance, rgb, cond, uncond, c2w, 700, None)
     target = latents.detach() - latents.grad * 8
+    assert torch.allclose(out["target"], target, atol=1e-5)  # the returned target is the loss's
     border = torch.cat([target[..., 0, :], target[..., -1, :], target[..., :, 0], target[..., :, -1]], dim=-1)
     assert torch.allclose(border.median(dim=-1).values, torch.tensor([1.0, 0.0, -1.0]).expand(8, 3), atol=1e-5)
     with pytest.raises(UserError, match="recon_anchor_background"):

@@ -113,7 +113,8 @@ class MultiviewDiffusionGuidance(Updateable):
         """Loss for renders ``rgb`` (B, H, W, 3) of B/n_view objects seen by cameras ``c2w`` (B, 4, 4).
 
         Returns ``loss_sds`` (whose gradient w.r.t. the model input is the (x0-)SDS gradient divided
-        by B), ``grad_norm``, ``timestep``, ``min_step``, ``max_step``.
+        by B), ``target`` (what the model input is pulled towards, detached: the x0 target in x0-SDS),
+        ``grad_norm``, ``timestep``, ``min_step``, ``max_step``.
         """
         if rgb.shape[0] % n_view != 0:
             raise ValueError(f"batch of {rgb.shape[0]} renders is not a whole number of {n_view}-view groups")
@@ -155,6 +156,7 @@ class MultiviewDiffusionGuidance(Updateable):
         loss = 0.5 * F.mse_loss(latents, target, reduction="sum") / batch
         return {
             "loss_sds": loss,
+            "target": target,
             "grad_norm": grad.norm(),
             "timestep": torch.tensor(timestep),
             "min_step": torch.tensor(self.min_step),
