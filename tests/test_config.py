@@ -52,3 +52,18 @@ def test_schedule_values():
     assert C([0, 1.0, 0.0, 100], 1000) == pytest.approx(0.0)
     assert C([10, 2.0, 4.0, 20], 0) == pytest.approx(2.0)
     assert C([2.0, 4.0, 20], 10) == pytest.approx(3.0)
+
+
+def test_piecewise_schedule_ramps_up_then_down():
+    points = [[50, 0.0], [200, 500.0], [400, 25.0]]
+    assert C(points, 0) == 0.0  # constant before the first point
+    assert C(points, 125) == pytest.approx(250.0)
+    assert C(points, 200) == pytest.approx(500.0)
+    assert C(points, 300) == pytest.approx(262.5)
+    assert C(points, 1000) == pytest.approx(25.0)  # constant after the last point
+    parsed = parse_structured(Outer, {"inner": {"weight": points}})
+    assert C(parsed.inner.weight, 300) == pytest.approx(262.5)  # works on OmegaConf lists too
+    with pytest.raises(UserError, match="inner.weight.*increasing steps"):
+        parse_structured(Outer, {"inner": {"weight": [[200, 1.0], [100, 2.0]]}})
+    with pytest.raises(UserError, match="inner.weight"):
+        parse_structured(Outer, {"inner": {"weight": [[0, 1.0], [100]]}})

@@ -6,12 +6,15 @@ multi-line exceptions are rewritten here into one line that names the full key a
 
 A setting that may anneal is declared with :func:`schedule` and read with :func:`C`: either a number,
 or ``[start_step, start_value, end_value, end_step]`` (linear between the steps, constant outside),
-or ``[start_value, end_value, end_step]`` (start_step 0).
+or ``[start_value, end_value, end_step]`` (start_step 0), or a list of ``[step, value]`` points with
+increasing steps (piecewise linear through them, constant outside), e.g. ``[[50, 0], [200, 500],
+[400, 25]]`` to ramp a weight up and then down.
 """
 import dataclasses
 from dataclasses import field
 from typing import Any, List, Optional, Sequence, Type, TypeVar, Union
 
+import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -36,6 +39,9 @@ def C(value: ScheduleValue, step: int) -> float:
     """Evaluate a schedule (a number, or a list as in the module docstring) at a global step."""
     if isinstance(value, (int, float)):
         return float(value)
+    if _is_point_list(value):
+        steps, values = zip(*((float(point[0]), float(point[1])) for point in value))
+        return float(np.interp(step, steps, values))
     values = [float(v) for v in value]
     if len(values) == 3:
         values = [0.0] + values
@@ -46,18 +52,37 @@ def C(value: ScheduleValue, step: int) -> float:
     return start_value + (end_value - start_value) * ratio
 
 
+def _is_point_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple, ListConfig)) and len(value) > 0 and isinstance(value[0], (list, tuple, ListConfig))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_schedule(key: str, value: Any) -> None:
     if isinstance(value, bool):
         raise UserError(f"config key '{key}' expects a number or a schedule list, got bool {value!r}")
-    if isinstance(value, (int, float)):
+    if _is_number(value):
         return
-    if isinstance(value, (list, tuple, ListConfig)) and len(value) in (3, 4):
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    if _is_point_list(value):
+        points_ok = all(isinstance(p, (list, tuple, ListConfig)) and len(p) == 2 and all(map(_is_number, p)) for p in value)
+        if points_ok and all(a[0] < b[0] for a, b in zip(value[:-1], value[1:])):
             return
+        raise UserError(
+            f"config key '{key}' expects [step, value] points with increasing steps, e.g. [[0, 1], [100, 0.5]], "
+            f"got {_plain(value)!r}"
+        )
+    if isinstance(value, (list, tuple, ListConfig)) and len(value) in (3, 4) and all(map(_is_number, value)):
+        return
     raise UserError(
-        f"config key '{key}' expects a number or a schedule [start_step, start_value, end_value, "
-        f"end_step], got {value!r}"
+        f"config key '{key}' expects a number, a schedule [start_step, start_value, end_value, end_step] "
+        f"or [step, value] points, got {_plain(value)!r}"
     )
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
 
 
 def _valid_keys(schema: type, path: Sequence[str]) -> List[str]:
