@@ -8,8 +8,8 @@ returns the render itself. Per scale and timestep:
 
 - ``delta_e``: mean CIELAB delta-E between the target and the true render over the object's pixels;
 - ``saturated``: fraction of object pixels with a channel clamped to 0 or 1 (CFG over-saturation);
-- ``silhouette_iou``: IoU of the target's non-white pixels (any channel > 0.1 from white) with the
-  true mask.
+- ``silhouette_iou``: IoU of the target's foreground on white with the true mask, per view, as the
+  t2mv evaluation measures it (``threestudio_mv.eval.t2mv_eval.foreground`` and ``iou``).
 
     python bench/x0_targets.py [--scales 20 10 5 3] [--timesteps 50 150 300 500] [--num 16]
 """
@@ -31,19 +31,20 @@ import threestudio_mv  # noqa: E402
 from launch import load_yaml_with_extends, quiet_libraries  # noqa: E402
 from threestudio_mv.data.procedural import parse_caption, render_views, vocabulary  # noqa: E402
 from threestudio_mv.data.procedural.render import orbit_cameras  # noqa: E402
-from threestudio_mv.eval.t2mv_eval import spread_captions  # noqa: E402
+from threestudio_mv.eval.t2mv_eval import foreground, iou, spread_captions  # noqa: E402
 from threestudio_mv.utils.errors import exit_on_user_error  # noqa: E402
 
 CONFIG = REPO / "configs" / "mvdream.yaml"
 
 
 def target_scores(target: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> List[float]:
-    """(delta-E, saturated fraction, silhouette IoU) of targets (V, H, W, 3) in [0, 1] against the truth."""
+    """(delta-E, saturated fraction, silhouette IoU) of targets (V, H, W, 3) in [0, 1] against the truth
+    and its masks (V, H, W)."""
     delta_e = deltaE_cie76(rgb2lab(target[mask][None]), rgb2lab(truth[mask][None])).mean()
     saturated = ((target[mask] < 0.01) | (target[mask] > 0.99)).any(-1).mean()
-    foreground = np.abs(target - 1.0).max(-1) > 0.1
-    iou = (foreground & mask).sum() / max(1, (foreground | mask).sum())
-    return [float(delta_e), float(saturated), float(iou)]
+    target_masks = foreground((target * 255.0 + 0.5).astype(np.uint8))
+    silhouette = np.mean([iou(a, b) for a, b in zip(target_masks, mask)])
+    return [float(delta_e), float(saturated), float(silhouette)]
 
 
 @exit_on_user_error
