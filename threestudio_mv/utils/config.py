@@ -48,12 +48,14 @@ def C(value: ScheduleValue, step: int) -> float:
     start_step, start_value, end_value, end_step = values
     if end_step <= start_step:
         return end_value if step >= end_step else start_value
-    ratio = min(max((step - start_step) / (end_step - start_step), 0.0), 1.0)
-    return start_value + (end_value - start_value) * ratio
+    return float(np.interp(step, (start_step, end_step), (start_value, end_value)))
+
+
+_SEQUENCES = (list, tuple, ListConfig)
 
 
 def _is_point_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple, ListConfig)) and len(value) > 0 and isinstance(value[0], (list, tuple, ListConfig))
+    return isinstance(value, _SEQUENCES) and len(value) > 0 and isinstance(value[0], _SEQUENCES)
 
 
 def _is_number(value: Any) -> bool:
@@ -66,14 +68,14 @@ def _check_schedule(key: str, value: Any) -> None:
     if _is_number(value):
         return
     if _is_point_list(value):
-        points_ok = all(isinstance(p, (list, tuple, ListConfig)) and len(p) == 2 and all(map(_is_number, p)) for p in value)
+        points_ok = all(isinstance(p, _SEQUENCES) and len(p) == 2 and all(map(_is_number, p)) for p in value)
         if points_ok and all(a[0] < b[0] for a, b in zip(value[:-1], value[1:])):
             return
         raise UserError(
             f"config key '{key}' expects [step, value] points with increasing steps, e.g. [[0, 1], [100, 0.5]], "
             f"got {_plain(value)!r}"
         )
-    if isinstance(value, (list, tuple, ListConfig)) and len(value) in (3, 4) and all(map(_is_number, value)):
+    if isinstance(value, _SEQUENCES) and len(value) in (3, 4) and all(map(_is_number, value)):
         return
     raise UserError(
         f"config key '{key}' expects a number, a schedule [start_step, start_value, end_value, end_step] "
