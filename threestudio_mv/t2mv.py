@@ -1,7 +1,7 @@
 """Text to multi-view images with the multi-view diffusion model.
 
     python -m threestudio_mv.t2mv --prompt "a red torus" --out grid.png [--model DIR] [--seed 0]
-        [--elevation 15] [--azimuth-start 0] [--fovy 40] [--steps 50] [--guidance 5]
+        [--elevation 15] [--azimuth-start 0] [--fovy 40] [--steps 50] [--guidance 5] [--eta 1]
 
 Writes the views side by side to ``grid.png`` and, beside it, ``grid.npz`` with ``images`` (uint8,
 V x H x W x 3), ``c2w`` (V x 4 x 4, our camera convention, at the distance that frames the object as
@@ -34,6 +34,7 @@ def text_to_multiview(
     n_view: Optional[int] = None,
     progress: bool = True,
     anchor: bool = True,
+    eta: Optional[float] = None,
 ) -> Dict[str, np.ndarray]:
     """Views of G prompts (``cond_embeddings`` (G, L, D)) on one orbit; None options: model defaults.
 
@@ -61,11 +62,18 @@ def text_to_multiview(
         generator=torch.Generator().manual_seed(seed),
         progress=progress,
         anchor=anchor,
+        eta=meta.eta if eta is None else eta,
     )
     uint8 = (images.permute(0, 2, 3, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
     result = {key: value.numpy().astype(np.float32) for key, value in views.items()}
     result["images"] = uint8.reshape(groups, n_view, *uint8.shape[1:])
     return result
+
+
+def check_eta(eta: Optional[float]) -> None:
+    """One-line error for a DDIM eta outside [0, 1] (None: the model's default)."""
+    if eta is not None and not 0.0 <= eta <= 1.0:
+        raise UserError(f"--eta must be in [0, 1] (0 deterministic DDIM, 1 DDPM-like), got {eta}")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -79,6 +87,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--fovy", type=float, default=None, help="degrees (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="DDIM eta in [0, 1]: 0 deterministic, 1 fresh noise every step (default: the model's)")
     parser.add_argument("--cache-dir", default=None, help="text embedding cache folder")
     parser.add_argument("--no-anchor", action="store_true",
                         help="do not anchor each step's x0 to the model's training background (metadata.background)")
@@ -98,6 +108,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise UserError(f"--out '{args.out}' must end in .png (the cameras are written beside it as .npz)")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    check_eta(args.eta)
     model = MultiViewDiffusionModel.from_pretrained(args.model)
     prompts = MVPromptProcessor(
         {
@@ -109,7 +120,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     )()
     result = text_to_multiview(
         model, prompts.cond, prompts.uncond, args.elevation, args.azimuth_start, args.fovy, args.steps,
-        args.guidance, args.seed, anchor=not args.no_anchor,
+        args.guidance, args.seed, anchor=not args.no_anchor, eta=args.eta,
     )
     images = result.pop("images")[0]
     save_image(out, image_grid([list(images)]))

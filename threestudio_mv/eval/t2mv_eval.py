@@ -1,7 +1,7 @@
 """Evaluate the multi-view diffusion model against the procedural ground truth.
 
     python -m threestudio_mv.eval.t2mv_eval [--model DIR] [--num-heldout 40] [--num-train 40]
-        [--elevation 15] [--steps N] [--guidance G] --out results.json [--grid docs/t2mv_grid.png]
+        [--elevation 15] [--steps N] [--guidance G] [--eta E] --out results.json [--grid docs/t2mv_grid.png]
 
 For each caption (held-out ones from ``vocabulary("heldout")`` and training ones), 4 views are
 generated at one elevation and rendered from the true asset at the same cameras. Metrics:
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from threestudio_mv.t2mv import check_eta
 from threestudio_mv.utils.camera import project_points
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
 from threestudio_mv.utils.io import image_grid, save_image, save_json
@@ -115,7 +116,7 @@ def visual_hull_consistency(masks: np.ndarray, c2w: torch.Tensor, fovy: torch.Te
 
 def evaluate_captions(
     model, encode, captions: List[str], elevation: float, steps: Optional[int], guidance: Optional[float],
-    seed: int, batch: int, progress: bool = True, anchor: bool = True,
+    seed: int, batch: int, progress: bool = True, anchor: bool = True, eta: Optional[float] = None,
 ) -> Dict[str, object]:
     """Generate, render the truth and score ``captions``; returns rows and the mean metrics."""
     from threestudio_mv.data.procedural import parse_caption, render_views
@@ -129,7 +130,7 @@ def evaluate_captions(
         chunk = captions[start : start + batch]
         result = text_to_multiview(
             model, encode([c + suffix for c in chunk]), uncond, elevation=elevation, num_inference_steps=steps,
-            guidance_scale=guidance, seed=seed + start, progress=False, anchor=anchor,
+            guidance_scale=guidance, seed=seed + start, progress=False, anchor=anchor, eta=eta,
         )
         c2w, fovy = torch.from_numpy(result["c2w"]), torch.from_numpy(result["fovy"])
         for caption, generated in zip(chunk, result["images"]):
@@ -180,6 +181,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--elevation", type=float, default=15.0)
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8, help="captions per sampler call")
     parser.add_argument("--cache-dir", default=None, help="text embedding cache folder")
@@ -201,6 +203,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         raise UserError("--num-heldout and --num-train must be >= 0 and not both 0")
     if not args.out.endswith(".json"):
         raise UserError(f"--out '{args.out}' must end in .json")
+    check_eta(args.eta)
     model = MultiViewDiffusionModel.from_pretrained(args.model)
     encoder = model.build_text_encoder()
     if encoder.trainable:
@@ -214,6 +217,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         "model": str(args.model or "bundled"),
         "settings": {"elevation": args.elevation, "steps": args.steps or model.metadata.num_inference_steps,
                      "guidance": args.guidance or model.metadata.guidance_scale, "seed": args.seed,
+                     "eta": model.metadata.eta if args.eta is None else args.eta,
                      "fovy": model.metadata.default_fovy, "foreground_threshold": FOREGROUND_THRESHOLD,
                      "background_anchor": None if args.no_anchor else model.metadata.background},
     }
@@ -223,7 +227,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             if not captions:
                 continue
             scored = evaluate_captions(model, encode, captions, args.elevation, args.steps, args.guidance, args.seed,
-                                       args.batch, anchor=not args.no_anchor)
+                                       args.batch, anchor=not args.no_anchor, eta=args.eta)
             all_rows[split] = scored["rows"]
             results[split] = {
                 **scored["summary"],

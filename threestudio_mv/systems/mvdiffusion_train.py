@@ -51,6 +51,7 @@ class NewModelConfig:
     relative_distance: float = 0.92
     guidance_scale: float = 5.0
     num_inference_steps: int = 50
+    eta: float = 1.0  # DDIM eta of the model's samplers (ModelMetadata.eta)
     description: str = ""
 
 
@@ -129,6 +130,7 @@ class MVDiffusionTrainSystem(BaseSystem):
             relative_distance=new.relative_distance,
             guidance_scale=new.guidance_scale,
             num_inference_steps=new.num_inference_steps,
+            eta=new.eta,
             description=new.description,
         )
         return MultiViewDiffusionModel(
@@ -240,6 +242,7 @@ class MVDiffusionTrainSystem(BaseSystem):
             num_inference_steps=self.cfg.val_inference_steps,
             generator=generator,
             progress=False,
+            eta=model.metadata.eta,
         )
         views = images.permute(0, 2, 3, 1).cpu()
         rows = [list(views[start : start + num_views]) for start in range(0, len(captions), num_views)]

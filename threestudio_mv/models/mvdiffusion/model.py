@@ -68,6 +68,9 @@ class ModelMetadata:
     relative_distance: float = 0.92  # distance = relative_distance / tan(fovy / 2)
     guidance_scale: float = 5.0
     num_inference_steps: int = 50
+    # DDIM eta: 0 = deterministic DDIM; 1 = fresh noise at every step, as DDPM's ancestral sampler. A small
+    # model's errors persist along a deterministic path; the noise lets later steps correct them.
+    eta: float = 0.0
     # Per-channel mean of the training samples (pixels in [-1, 1]). Samplers start from the forward
     # process's true marginal N(sqrt(abar_T) * mean, 1 - abar_T) instead of N(0, 1): SD's schedule
     # keeps some signal at t = T (non-zero terminal SNR), and for a small pixel-space model on white

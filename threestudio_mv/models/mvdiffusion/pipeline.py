@@ -1,4 +1,4 @@
-"""Sampling multi-view images: DDIM (eta 0) with classifier-free guidance through the shared helper."""
+"""Sampling multi-view images: DDIM (any eta) with classifier-free guidance through the shared helper."""
 from typing import Optional
 
 import torch
@@ -21,12 +21,13 @@ def sample_multiview(
     generator: Optional[torch.Generator] = None,
     progress: bool = True,
     anchor: bool = True,
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """Generate images for G objects x ``num_views`` cameras.
 
     ``cond_embeddings`` (G*F, L, D) or (1, L, D); ``uncond_embeddings`` likewise; ``c2w`` (G*F, 4, 4)
     in our camera convention, views of one object contiguous. ``generator`` (a CPU generator) makes
-    the initial noise reproducible on any device; with ``model.metadata.init_mean`` the start is the
+    the initial noise (and with ``eta`` > 0 each step's fresh noise) reproducible on any device; with ``model.metadata.init_mean`` the start is the
     forward process's marginal at the first timestep. With ``anchor`` and a pixel model whose
     ``metadata.background`` is set, each step's x0 prediction is shifted so its border is that colour
     (:func:`~threestudio_mv.models.guidance.cfg.anchor_background`). Returns images (G*F, 3, H, W) in [0, 1].
@@ -54,6 +55,7 @@ def sample_multiview(
             alpha_bar = scheduler.alphas_cumprod[timestep].to(device)
             x0 = anchor_background((sample - (1.0 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt(), background)
             eps = (sample - alpha_bar.sqrt() * x0) / (1.0 - alpha_bar).sqrt()
-        sample = scheduler.step(eps, timestep, sample, eta=0.0).prev_sample
+        noise = torch.randn(shape, generator=generator).to(device) if eta > 0 else None
+        sample = scheduler.step(eps, timestep, sample, eta=eta, variance_noise=noise).prev_sample
     images = model.decode_samples(sample)
     return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
