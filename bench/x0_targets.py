@@ -1,17 +1,18 @@
 """How true are the x0-SDS targets? Colour and silhouette of the guidance's x0 targets on TRUE renders
-of held-out objects, by CFG scale, printed as JSON (the first scale is the baseline of the comparison).
+of held-out objects, by CFG scale and x0 denoising steps, printed as JSON (the first setting is the
+baseline of the comparison).
 
 For each caption, 4 ground-truth views (elevation 15, 90 degrees apart) are noised at each timestep
 with a fixed seed, and ``multiview-diffusion-guidance`` (built from ``configs/mvdream.yaml``'s
-``system.guidance`` with ``guidance_scale`` replaced) returns its x0 target. A perfect guidance
-returns the render itself. Per scale and timestep:
+``system.guidance`` with ``guidance_scale`` and ``recon_denoise_steps`` replaced) returns its x0
+target. A perfect guidance returns the render itself. Per setting and timestep:
 
 - ``delta_e``: mean CIELAB delta-E between the target and the true render over the object's pixels;
 - ``saturated``: fraction of object pixels with a channel clamped to 0 or 1 (CFG over-saturation);
 - ``silhouette_iou``: IoU of the target's foreground on white with the true mask, per view, as the
   t2mv evaluation measures it (``threestudio_mv.eval.t2mv_eval.foreground`` and ``iou``).
 
-    python bench/x0_targets.py [--scales 20 10 5 3] [--timesteps 50 150 300 500] [--num 16]
+    python bench/x0_targets.py [--scales 20 10 5 3] [--denoise-steps 1] [--timesteps 50 150 300 500] [--num 16]
 """
 import argparse
 import json
@@ -51,15 +52,21 @@ def target_scores(target: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> Li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", type=float, nargs="+", default=[20.0, 10.0, 5.0, 3.0])
+    parser.add_argument("--denoise-steps", type=int, nargs="+", default=[1], help="recon_denoise_steps values")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[50, 150, 300, 500])
     parser.add_argument("--num", type=int, default=16, help="held-out captions, spread over the split")
     args = parser.parse_args()
     quiet_libraries()
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the chains' ancestral noise
+    noise_generator = torch.Generator().manual_seed(0)  # the renders' noise: the same for every setting list
     guidance_cfg = OmegaConf.to_container(load_yaml_with_extends(CONFIG)["system"]["guidance"], resolve=True)
+    guidance_type = threestudio_mv.find("multiview-diffusion-guidance")
     guidances = {
-        f"cfg {scale:g}": threestudio_mv.find("multiview-diffusion-guidance")({**guidance_cfg, "guidance_scale": scale})
+        f"cfg {scale:g}, {steps} step{'s' if steps > 1 else ''}": guidance_type(
+            {**guidance_cfg, "guidance_scale": scale, "recon_denoise_steps": steps}
+        )
         for scale in args.scales
+        for steps in args.denoise_steps
     }
     model = next(iter(guidances.values())).model
     for guidance in guidances.values():
@@ -73,7 +80,7 @@ def main() -> None:
         truth = render_views(parse_caption(caption), cameras["c2w"], cameras["fovy"], size=model.sample_size)
         rgb, mask = truth["rgb"].float(), truth["alpha"].numpy() > 0.5
         for t in args.timesteps:
-            noise = torch.randn(4, model.sample_channels, model.sample_size, model.sample_size)
+            noise = torch.randn(4, model.sample_channels, model.sample_size, model.sample_size, generator=noise_generator)
             for name, guidance in guidances.items():
                 with torch.no_grad():
                     out = guidance(rgb, prompt.cond, prompt.uncond, cameras["c2w"], 4, timestep=t, noise=noise)

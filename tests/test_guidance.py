@@ -138,3 +138,21 @@ def test_x0_target_border_is_anchored_to_the_background(tiny_model_dir):
     assert torch.allclose(border.median(dim=-1).values, torch.tensor([1.0, 0.0, -1.0]).expand(8, 3), atol=1e-5)
     with pytest.raises(UserError, match="recon_anchor_background"):
         MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "recon_anchor_background": [1.0, 1.0]})
+
+
+def test_multi_step_x0_target_runs_an_ancestral_chain_from_t_to_0(tiny_model_dir):
+    guidance = MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "recon_denoise_steps": 3})
+    rgb, cond, uncond, c2w = make_inputs(guidance)
+    clean = guidance.to_model_input(rgb).detach()  # a perfect model: every x0 prediction is the render
+    calls = []
+    guidance.predict_x0 = lambda sample, step, *args: calls.append((step, sample.clone())) or clean
+    torch.manual_seed(5)
+    latents, out = grad_wrt_input(guidance, rgb, cond, uncond, c2w, 600, None)
+    assert [step for step, _ in calls] == [600, 400, 200]  # 3 timesteps evenly spaced from t down to 0
+    assert torch.allclose(out["target"], clean) and latents.grad.abs().max() < 1e-6
+    for step, sample in calls:  # every sample of the chain is the forward marginal of x0 = clean at its step
+        alpha_bar = guidance.alphas_cumprod[step]
+        residual = (sample - alpha_bar.sqrt() * clean) / (1 - alpha_bar).sqrt()
+        assert abs(residual.mean()) < 0.05 and abs(residual.std() - 1.0) < 0.05
+    with pytest.raises(UserError, match="system.guidance.recon_denoise_steps"):
+        MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "recon_denoise_steps": 0})

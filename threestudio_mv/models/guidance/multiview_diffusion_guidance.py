@@ -1,8 +1,9 @@
 """Guidance `multiview-diffusion-guidance`: multi-view SDS and x0-SDS with an MVDream-style model.
 
 Per call: renders (B, H, W, 3) in [0, 1] -> model input (resized; VAE-encoded with gradient for latent
-models) -> one timestep shared by the whole batch -> noise -> ONE CFG UNet call (shared helper) ->
-loss whose gradient w.r.t. the model input is the SDS / x0-SDS gradient.
+models) -> one timestep shared by the whole batch -> noise -> one CFG UNet call (shared helper; x0-SDS
+with ``recon_denoise_steps`` = k: k calls along an ancestral chain) -> loss whose gradient w.r.t. the
+model input is the SDS / x0-SDS gradient.
 
 The diffusion model is held outside any nn.Module tree, so its weights never enter a trial checkpoint.
 """
@@ -54,6 +55,10 @@ class MultiviewDiffusionGuidance(Updateable):
         guidance_scale: Schedule = schedule(5.0)
         recon_loss: bool = True  # x0-SDS (MVDream's reconstruction loss); False = plain SDS
         recon_std_rescale: float = 0.5
+        # x0-SDS: denoising steps from x_t to the x0 target. 1 = MVDream's one-step prediction; k > 1 = an
+        # ancestral DDPM chain over k timesteps from t down to 0, which commits to one sample where the
+        # one-step prediction is the blurred mean of all of them (k UNet calls per training step)
+        recon_denoise_steps: int = 1
         clip_x0: bool = True  # pixel-space models: clamp predicted x0 to the image range [-1, 1]
         # pixel-space models: shift each x0 target so its border is this RGB colour in [0, 1] (the
         # renders' background); None leaves the target's colour cast alone
@@ -67,6 +72,8 @@ class MultiviewDiffusionGuidance(Updateable):
         self.cfg = cfg if isinstance(cfg, self.Config) else parse_structured(self.Config, cfg, prefix)
         if self.cfg.weighting not in WEIGHTINGS:
             raise UserError(f"config key '{prefix}.weighting': unknown '{self.cfg.weighting}'; use one of {', '.join(WEIGHTINGS)}")
+        if self.cfg.recon_denoise_steps < 1:
+            raise UserError(f"config key '{prefix}.recon_denoise_steps' must be at least 1, got {self.cfg.recon_denoise_steps}")
         anchor = self.cfg.recon_anchor_background
         if anchor is not None and (len(anchor) != 3 or not all(0.0 <= float(c) <= 1.0 for c in anchor)):
             raise UserError(f"config key '{prefix}.recon_anchor_background' must be 3 numbers in [0, 1] (an RGB colour) or null, got {list(anchor)}")
@@ -100,6 +107,48 @@ class MultiviewDiffusionGuidance(Updateable):
             images = F.interpolate(images, (size, size), mode="bilinear", align_corners=False, antialias=True)
         return self.model.encode_images(images)
 
+    def predict_x0(
+        self, noisy: torch.Tensor, timestep: int, cond: torch.Tensor, uncond: torch.Tensor, camera: torch.Tensor,
+        n_view: int, scale: float,
+    ) -> torch.Tensor:
+        """One CFG prediction of x0 from ``noisy`` at ``timestep``: MVDream's per-group rescale, the
+        background anchor and (pixel models) the clamp to [-1, 1]."""
+        alpha_bar = self.alphas_cumprod[timestep]
+        t = torch.full((noisy.shape[0],), timestep, device=noisy.device, dtype=torch.long)
+        eps_cfg, eps_cond, _ = predict_noise_with_cfg(self.model, noisy, t, cond, uncond, camera, n_view, scale)
+        x0 = (noisy - (1.0 - alpha_bar).sqrt() * eps_cfg) / alpha_bar.sqrt()
+        if self.cfg.recon_std_rescale > 0:
+            x0_cond = (noisy - (1.0 - alpha_bar).sqrt() * eps_cond) / alpha_bar.sqrt()
+            x0 = rescale_x0_per_group(x0, x0_cond, n_view, self.cfg.recon_std_rescale)
+        if self.anchor_colour is not None:
+            x0 = anchor_background(x0, self.anchor_colour)
+        if self.cfg.clip_x0 and not self.model.metadata.latent:
+            x0 = x0.clamp(-1.0, 1.0)
+        return x0
+
+    def x0_target(
+        self, noisy: torch.Tensor, timestep: int, cond: torch.Tensor, uncond: torch.Tensor, camera: torch.Tensor,
+        n_view: int, scale: float,
+    ) -> torch.Tensor:
+        """The x0-SDS target: :meth:`predict_x0` at ``timestep``, or with ``recon_denoise_steps`` = k > 1
+        the last x0 prediction of a DDPM ancestral chain over k timesteps evenly spaced from t to 0."""
+        steps = self.cfg.recon_denoise_steps
+        if steps == 1:
+            return self.predict_x0(noisy, timestep, cond, uncond, camera, n_view, scale)
+        timesteps = torch.linspace(timestep, 0, steps + 1)[:-1].round().long().unique_consecutive()
+        scheduler = self.model.noise_scheduler()
+        scheduler.set_timesteps(timesteps=timesteps.tolist(), device=noisy.device)
+        sample = noisy
+        for index, step in enumerate(timesteps.tolist()):
+            x0 = self.predict_x0(sample, step, cond, uncond, camera, n_view, scale)
+            if index == len(timesteps) - 1:
+                break
+            # the scheduler takes eps: the one implied by the processed x0 (as the sampler's anchor)
+            alpha_bar = self.alphas_cumprod[step]
+            eps = (sample - alpha_bar.sqrt() * x0) / (1.0 - alpha_bar).sqrt()
+            sample = scheduler.step(eps, step, sample).prev_sample
+        return x0
+
     def __call__(
         self,
         rgb: torch.Tensor,
@@ -132,21 +181,13 @@ class MultiviewDiffusionGuidance(Updateable):
         with torch.no_grad():
             noisy = alpha_bar.sqrt() * latents + (1.0 - alpha_bar).sqrt() * noise
             camera = mvdream_camera_condition(c2w).to(rgb.device)
-            eps_cfg, eps_cond, _ = predict_noise_with_cfg(
-                self.model, noisy, t, cond_embeddings, uncond_embeddings, camera, n_view,
-                C(self.cfg.guidance_scale, self.global_step),
-            )
+            scale = C(self.cfg.guidance_scale, self.global_step)
             if self.cfg.recon_loss:
-                x0_cfg = (noisy - (1.0 - alpha_bar).sqrt() * eps_cfg) / alpha_bar.sqrt()
-                if self.cfg.recon_std_rescale > 0:
-                    x0_cond = (noisy - (1.0 - alpha_bar).sqrt() * eps_cond) / alpha_bar.sqrt()
-                    x0_cfg = rescale_x0_per_group(x0_cfg, x0_cond, n_view, self.cfg.recon_std_rescale)
-                if self.anchor_colour is not None:
-                    x0_cfg = anchor_background(x0_cfg, self.anchor_colour)
-                if self.cfg.clip_x0 and not self.model.metadata.latent:
-                    x0_cfg = x0_cfg.clamp(-1.0, 1.0)
-                grad = latents.detach() - x0_cfg
+                grad = latents.detach() - self.x0_target(noisy, timestep, cond_embeddings, uncond_embeddings, camera, n_view, scale)
             else:
+                eps_cfg, _, _ = predict_noise_with_cfg(
+                    self.model, noisy, t, cond_embeddings, uncond_embeddings, camera, n_view, scale
+                )
                 grad = sds_weight(alpha_bar, self.cfg.weighting) * (eps_cfg - noise)
             grad = torch.nan_to_num(grad)
             if self.cfg.grad_clip is not None:
