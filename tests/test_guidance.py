@@ -154,5 +154,17 @@ def test_multi_step_x0_target_runs_an_ancestral_chain_from_t_to_0(tiny_model_dir
         alpha_bar = guidance.alphas_cumprod[step]
         residual = (sample - alpha_bar.sqrt() * clean) / (1 - alpha_bar).sqrt()
         assert abs(residual.mean()) < 0.05 and abs(residual.std() - 1.0) < 0.05
-    with pytest.raises(UserError, match="system.guidance.recon_denoise_steps"):
-        MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "recon_denoise_steps": 0})
+    for bad in (0, [100, 3, 0, 200]):
+        with pytest.raises(UserError, match="system.guidance.recon_denoise_steps"):
+            MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "recon_denoise_steps": bad})
+
+
+def test_denoise_steps_follow_their_schedule(tiny_model_dir):
+    guidance = MultiviewDiffusionGuidance({"pretrained_model_name_or_path": str(tiny_model_dir), "recon_denoise_steps": [100, 1, 3, 200]})
+    rgb, cond, uncond, c2w = make_inputs(guidance)
+    for global_step, expected in [(0, 1), (160, 2), (400, 3)]:
+        calls = []
+        guidance.predict_x0 = lambda sample, step, *args: calls.append(step) or sample
+        guidance.on_update_step(0, global_step)
+        guidance(rgb, cond, uncond, c2w, 4, timestep=300)
+        assert len(calls) == expected

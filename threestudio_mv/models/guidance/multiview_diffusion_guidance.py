@@ -57,8 +57,9 @@ class MultiviewDiffusionGuidance(Updateable):
         recon_std_rescale: float = 0.5
         # x0-SDS: denoising steps from x_t to the x0 target. 1 = MVDream's one-step prediction; k > 1 = an
         # ancestral DDPM chain over k timesteps from t down to 0, which commits to one sample where the
-        # one-step prediction is the blurred mean of all of them (k UNet calls per training step)
-        recon_denoise_steps: int = 1
+        # one-step prediction is the blurred mean of all of them (k UNet calls per training step). A C()
+        # schedule, rounded: e.g. [200, 1, 3, 300] keeps one step while the shape forms
+        recon_denoise_steps: Schedule = schedule(1)
         clip_x0: bool = True  # pixel-space models: clamp predicted x0 to the image range [-1, 1]
         # pixel-space models: shift each x0 target so its border is this RGB colour in [0, 1] (the
         # renders' background); None leaves the target's colour cast alone
@@ -72,7 +73,7 @@ class MultiviewDiffusionGuidance(Updateable):
         self.cfg = cfg if isinstance(cfg, self.Config) else parse_structured(self.Config, cfg, prefix)
         if self.cfg.weighting not in WEIGHTINGS:
             raise UserError(f"config key '{prefix}.weighting': unknown '{self.cfg.weighting}'; use one of {', '.join(WEIGHTINGS)}")
-        if self.cfg.recon_denoise_steps < 1:
+        if min(C(self.cfg.recon_denoise_steps, step) for step in range(0, 100_001, 10)) < 0.5:  # rounds to 0
             raise UserError(f"config key '{prefix}.recon_denoise_steps' must be at least 1, got {self.cfg.recon_denoise_steps}")
         anchor = self.cfg.recon_anchor_background
         if anchor is not None and (len(anchor) != 3 or not all(0.0 <= float(c) <= 1.0 for c in anchor)):
@@ -132,7 +133,7 @@ class MultiviewDiffusionGuidance(Updateable):
     ) -> torch.Tensor:
         """The x0-SDS target: :meth:`predict_x0` at ``timestep``, or with ``recon_denoise_steps`` = k > 1
         the last x0 prediction of a DDPM ancestral chain over k timesteps evenly spaced from t to 0."""
-        steps = self.cfg.recon_denoise_steps
+        steps = round(C(self.cfg.recon_denoise_steps, self.global_step))
         if steps == 1:
             return self.predict_x0(noisy, timestep, cond, uncond, camera, n_view, scale)
         timesteps = torch.linspace(timestep, 0, steps + 1)[:-1].round().long().unique_consecutive()
