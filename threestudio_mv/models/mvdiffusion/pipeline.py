@@ -27,8 +27,8 @@ def sample_multiview(
 
     ``cond_embeddings`` (G*F, L, D) or (1, L, D); ``uncond_embeddings`` likewise; ``c2w`` (G*F, 4, 4)
     in our camera convention, views of one object contiguous. ``generator`` (a CPU generator) makes
-    the initial noise (and with ``eta`` > 0 each step's fresh noise) reproducible on any device; with ``model.metadata.init_mean`` the start is the
-    forward process's marginal at the first timestep. With ``anchor`` and a pixel model whose
+    the initial noise, and with ``eta`` > 0 each step's fresh noise, reproducible on any device; with
+    ``model.metadata.init_mean`` the start is the forward process's marginal at the first timestep. With ``anchor`` and a pixel model whose
     ``metadata.background`` is set, each step's x0 prediction is shifted so its border is that colour
     (:func:`~threestudio_mv.models.guidance.cfg.anchor_background`). Returns images (G*F, 3, H, W) in [0, 1].
     """
