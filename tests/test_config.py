@@ -67,3 +67,13 @@ def test_piecewise_schedule_ramps_up_then_down():
         parse_structured(Outer, {"inner": {"weight": [[200, 1.0], [100, 2.0]]}})
     with pytest.raises(UserError, match="inner.weight"):
         parse_structured(Outer, {"inner": {"weight": [[0, 1.0], [100]]}})
+
+
+def test_schedule_values_bound_the_schedule_over_all_steps():
+    from threestudio_mv.utils.config import schedule_values
+
+    for value in (3, [100, 1.0, 3.0, 200], [2.0, 0.5, 40], [[0, 2.0], [50, 0.25], [90, 4.0]]):
+        knots = schedule_values(value)
+        samples = [C(value, step) for step in range(0, 300)]
+        assert min(samples) == pytest.approx(min(knots)) and max(samples) == pytest.approx(max(knots))
+

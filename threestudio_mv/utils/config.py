@@ -51,6 +51,16 @@ def C(value: ScheduleValue, step: int) -> float:
     return float(np.interp(step, (start_step, end_step), (start_value, end_value)))
 
 
+def schedule_values(value: ScheduleValue) -> List[float]:
+    """The values a schedule passes through at its knots. It is linear between them and constant
+    outside, so its minimum and maximum over all steps are among these."""
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if _is_point_list(value):
+        return [float(point[1]) for point in value]
+    return [float(v) for v in list(value)[-3:-1]]  # [start_step,] start_value, end_value, end_step
+
+
 _SEQUENCES = (list, tuple, ListConfig)
 
 

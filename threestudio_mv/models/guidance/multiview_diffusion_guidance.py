@@ -17,7 +17,7 @@ from threestudio_mv import register
 from threestudio_mv.models.guidance.cfg import anchor_background, predict_noise_with_cfg
 from threestudio_mv.utils.base import Updateable
 from threestudio_mv.utils.camera import mvdream_camera_condition
-from threestudio_mv.utils.config import C, Schedule, parse_structured, schedule
+from threestudio_mv.utils.config import C, Schedule, parse_structured, schedule, schedule_values
 from threestudio_mv.utils.errors import UserError
 
 WEIGHTINGS = ("sds", "uniform", "inverse_snr")
@@ -73,7 +73,7 @@ class MultiviewDiffusionGuidance(Updateable):
         self.cfg = cfg if isinstance(cfg, self.Config) else parse_structured(self.Config, cfg, prefix)
         if self.cfg.weighting not in WEIGHTINGS:
             raise UserError(f"config key '{prefix}.weighting': unknown '{self.cfg.weighting}'; use one of {', '.join(WEIGHTINGS)}")
-        if min(C(self.cfg.recon_denoise_steps, step) for step in range(0, 100_001, 10)) < 0.5:  # rounds to 0
+        if min(schedule_values(self.cfg.recon_denoise_steps)) < 0.5:  # rounds to 0 somewhere
             raise UserError(f"config key '{prefix}.recon_denoise_steps' must be at least 1, got {self.cfg.recon_denoise_steps}")
         anchor = self.cfg.recon_anchor_background
         if anchor is not None and (len(anchor) != 3 or not all(0.0 <= float(c) <= 1.0 for c in anchor)):
