@@ -260,6 +260,8 @@ def main(argv: List[str]) -> int:
         gradient_clip_val=trainer_cfg.gradient_clip_val,
         enable_progress_bar=trainer_cfg.enable_progress_bar,
         limit_val_batches=trainer_cfg.limit_val_batches,
+        # no_grad rather than inference_mode in val/test: analytic normals need autograd there
+        inference_mode=False,
         callbacks=callbacks,
         # One CSV per run of the trial, so a resumed run never overwrites the earlier loss history.
         logger=[
