@@ -105,6 +105,25 @@ def test_light_strategies() -> None:
     assert cosine.mean() > 0.5
 
 
+def test_camera_light_follows_every_camera_with_its_ambient_ratio() -> None:
+    light = {"direction_camera": [0.0, 1.0, 1.0], "ambient_ratio": 0.3}
+    module = make(batch_size=8, camera_light=light)
+    for batch in (train_batch(module), next(iter(module.val_dataloader())), next(iter(module.test_dataloader()))):
+        assert batch["ambient_ratio"] == pytest.approx(0.3)
+        # from the camera, the light lies up and back (towards the viewer) in the camera's own frame
+        towards = torch.nn.functional.normalize(batch["light_positions"] - batch["camera_positions"], dim=-1)
+        in_camera = torch.einsum("bji,bj->bi", batch["c2w"][:, :3, :3], towards)
+        assert torch.allclose(in_camera, torch.tensor([0.0, 1.0, 1.0]).div(2**0.5).expand_as(in_camera), atol=1e-5)
+    assert "ambient_ratio" not in train_batch(make())
+
+
+@pytest.mark.parametrize("light", [{"direction_camera": [0.0, 0.0, 0.0], "ambient_ratio": 0.5},
+                                   {"direction_camera": [0.0, 0.0, 1.0], "ambient_ratio": 1.5}])
+def test_bad_camera_light_is_a_user_error(light) -> None:
+    with pytest.raises(UserError, match="data.camera_light"):
+        make(camera_light=light)
+
+
 def test_validation_is_one_batch_of_evenly_spaced_views_from_the_front() -> None:
     module = make(n_val_views=4, eval_elevation_deg=15.0, eval_fovy_deg=40.0, eval_camera_distance=0.92,
                   eval_height=16, eval_width=16)

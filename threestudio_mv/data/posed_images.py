@@ -23,28 +23,18 @@ from torch.utils.data import IterableDataset
 from threestudio_mv import register
 from threestudio_mv.data.uncond import Batch, CameraBatchDataset, CameraDataLoaders, camera_batch, orbit_views
 from threestudio_mv.utils.base import Updateable
-from threestudio_mv.utils.camera import camera_ray_directions, fovy_from_fovx, spherical_from_position
+from threestudio_mv.utils.camera import (
+    CameraLight,
+    camera_light_positions,
+    camera_ray_directions,
+    fovy_from_fovx,
+    spherical_from_position,
+)
 from threestudio_mv.utils.config import parse_structured
 from threestudio_mv.utils.errors import UserError
 from threestudio_mv.utils.io import load_image
 
 TRANSFORMS_NAME = "transforms.json"
-# A light that follows the camera is placed this far along its direction: a point light this far
-# away lights the object (extent ~1) like the renderer's directional light, within 0.3 degrees.
-CAMERA_LIGHT_DISTANCE = 100.0
-
-
-@dataclass
-class CameraLight:
-    """The lighting a folder's images were rendered with, from transforms.json's optional ``light``:
-    a directional light fixed in the camera frame (``direction_camera``: x right, y up, z towards the
-    viewer; from the surface to the light) and ``ambient_ratio`` (ambient = ratio, diffuse = 1 - ratio).
-    With it a shading material recovers the unlit albedo; without it images are fitted as they are."""
-
-    direction_camera: Tuple[float, float, float]
-    ambient_ratio: float
-
-
 @dataclass
 class PosedImages:
     """Frames of a posed-images folder, resized and composited.
@@ -223,9 +213,7 @@ def lighting(c2w: Tensor, light: Optional[CameraLight], head_light_distance: flo
     """
     if light is None:
         return {"light_positions": F.normalize(c2w[:, :3, 3], dim=-1) * head_light_distance, "shading": "albedo"}
-    direction = F.normalize(torch.tensor(light.direction_camera, dtype=c2w.dtype, device=c2w.device), dim=0)
-    positions = c2w[:, :3, 3] + (c2w[:, :3, :3] @ direction) * CAMERA_LIGHT_DISTANCE
-    return {"light_positions": positions, "shading": "diffuse", "ambient_ratio": light.ambient_ratio}
+    return {"light_positions": camera_light_positions(c2w, light), "shading": "diffuse", "ambient_ratio": light.ambient_ratio}
 
 
 class PosedImagesIterableDataset(IterableDataset, Updateable):

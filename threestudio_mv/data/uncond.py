@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from threestudio_mv import register
 from threestudio_mv.utils.base import Updateable
 from threestudio_mv.utils.camera import (
+    CameraLight,
     c2w_from_spherical,
+    camera_light_positions,
     camera_ray_directions,
     distance_for_fovy,
     get_rays,
@@ -69,6 +71,14 @@ def camera_batch(
         "width": int(width),
         "n_view": int(n_view),
     }
+
+
+def light_with_camera_light(batch: Batch, light: Optional[CameraLight]) -> Batch:
+    """``batch`` lit by ``light`` (see ``camera_light`` in the config); unchanged when it is None."""
+    if light is None:
+        return batch
+    positions = camera_light_positions(batch["c2w"], light)
+    return {**batch, "light_positions": positions, "ambient_ratio": float(light.ambient_ratio)}
 
 
 def wrap_azimuth(azimuth: Tensor) -> Tensor:
@@ -160,6 +170,11 @@ class RandomMultiviewCameraConfig:
     light_distance_range: List[float] = field(default_factory=lambda: [0.8, 1.5])
     light_sample_strategy: str = "dreamfusion"  # "dreamfusion" (near the camera direction) or "camera"
     light_position_perturb: float = 1.0  # std of the noise on the light direction ("dreamfusion")
+    # the light the guidance model's training images were rendered with, fixed in the camera frame
+    # ({direction_camera: [x, y, z], ambient_ratio: a}); when set it lights every batch (train, val,
+    # test) in place of the sampled lights, with its ambient ratio, so a shading material's diffuse
+    # renders look like the training images and its albedo comes out unlit. null: sampled lights
+    camera_light: Optional[CameraLight] = None
     eval_height: int = 64
     eval_width: int = 64
     eval_elevation_deg: float = 15.0
@@ -219,9 +234,8 @@ class RandomMultiviewCameraIterableDataset(IterableDataset, Updateable):
             strategy=cfg.light_sample_strategy,
             perturb=cfg.light_position_perturb,
         )
-        return camera_batch(
-            light_positions=lights, height=self.height, width=self.width, n_view=cfg.n_view, **groups
-        )
+        batch = camera_batch(light_positions=lights, height=self.height, width=self.width, n_view=cfg.n_view, **groups)
+        return light_with_camera_light(batch, cfg.camera_light)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -277,6 +291,12 @@ class RandomMultiviewCameraDataModule(CameraDataLoaders, pl.LightningDataModule,
             raise UserError(
                 f"config key 'data.light_sample_strategy' is '{cfg.light_sample_strategy}'; use 'dreamfusion' or 'camera'"
             )
+        light = cfg.camera_light
+        if light is not None and (not any(light.direction_camera) or not 0.0 <= light.ambient_ratio <= 1.0):
+            raise UserError(
+                "config key 'data.camera_light' needs a non-zero direction_camera and an ambient_ratio in [0, 1], "
+                f"got direction_camera {list(light.direction_camera)}, ambient_ratio {light.ambient_ratio}"
+            )
         if list(cfg.resolution_milestones) != sorted(cfg.resolution_milestones):
             raise UserError(f"config key 'data.resolution_milestones' must be increasing, got {cfg.resolution_milestones}")
         for key in ("n_val_views", "n_test_views", "eval_height", "eval_width"):
@@ -291,7 +311,6 @@ class RandomMultiviewCameraDataModule(CameraDataLoaders, pl.LightningDataModule,
         views = orbit_views(n_views, cfg.eval_elevation_deg, distance, cfg.eval_fovy_deg)
         # Evaluation lights the object from the camera: deterministic, and what a viewer expects.
         lights = sample_light_positions(views["c2w"][:, :3, 3], strategy="camera")
-        return camera_batch(
-            light_positions=lights, height=cfg.eval_height, width=cfg.eval_width, n_view=n_views, **views
-        )
+        batch = camera_batch(light_positions=lights, height=cfg.eval_height, width=cfg.eval_width, n_view=n_views, **views)
+        return light_with_camera_light(batch, cfg.camera_light)
 

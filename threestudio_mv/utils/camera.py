@@ -5,7 +5,7 @@ columns right, up, back (= -forward), position. Azimuth 0 deg views the object f
 counter-clockwise seen from +z, elevation is positive above the equator. Angles are in degrees.
 Pixel (row i, column j) has its centre at (j + 0.5, i + 0.5); row 0 is the top of the image.
 """
-import math
+from dataclasses import dataclass
 from typing import Tuple, Union
 
 import torch
@@ -218,6 +218,28 @@ def fovy_from_fovx(fovx: Number, width: int, height: int) -> Tensor:
     """Vertical field of view (degrees) of a square-pixel camera with horizontal FOV ``fovx`` (degrees)."""
     half_x = 0.5 * torch.deg2rad(_as_tensor(fovx))
     return torch.rad2deg(2.0 * torch.atan(torch.tan(half_x) * height / width))
+
+
+# A light that follows the camera is placed this far along its direction: a point light this far
+# away lights the object (extent ~1) like the renderer's directional light, within 0.3 degrees.
+CAMERA_LIGHT_DISTANCE = 100.0
+
+
+@dataclass
+class CameraLight:
+    """A directional light fixed in the camera frame, as the procedural renders are lit:
+    ``direction_camera`` (x right, y up, z towards the viewer; from the surface to the light) and
+    ``ambient_ratio`` (ambient = ratio, diffuse = 1 - ratio). Shading materials lit by it recover the
+    unlit albedo of images rendered with it."""
+
+    direction_camera: Tuple[float, float, float]
+    ambient_ratio: float
+
+
+def camera_light_positions(c2w: Tensor, light: CameraLight) -> Tensor:
+    """Point-light positions (B, 3) standing in for ``light`` in the views ``c2w`` (B, 4, 4)."""
+    direction = torch.nn.functional.normalize(torch.tensor(light.direction_camera, dtype=c2w.dtype, device=c2w.device), dim=0)
+    return c2w[:, :3, 3] + (c2w[:, :3, :3] @ direction) * CAMERA_LIGHT_DISTANCE
 
 
 def sample_light_positions(
