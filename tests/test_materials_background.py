@@ -62,6 +62,20 @@ def test_shading_choice_follows_steps_and_probabilities():
     assert torch.allclose(mat(**args), expected["diffuse"])
 
 
+def test_shades_with_normals_only_when_the_call_can_use_them():
+    assert not material("no-material").shades_with_normals()
+    mat = material("diffuse-with-point-light", ambient_only_steps=100)
+    mat.update_step(0, 0)
+    assert not mat.shades_with_normals() and mat.shades_with_normals(shading="diffuse")
+    mat.update_step(0, 100)
+    assert mat.shades_with_normals() and not mat.shades_with_normals(shading="albedo")
+    # the answer holds: in the ambient-only steps the call ignores the normals it is not given
+    features, positions, _, lights = _shading_inputs(4)
+    mat.update_step(0, 0)
+    mat.train()
+    torch.testing.assert_close(mat(features, None, positions, lights, None), torch.sigmoid(features[:, :3]))
+
+
 def test_soft_shading_draws_a_ratio_per_call():
     mat = material("diffuse-with-point-light", ambient_only_steps=0, diffuse_prob=1.0, textureless_prob=0.0,
                    soft_shading=True)

@@ -180,6 +180,26 @@ def test_shading_material_needs_geometry_normals():
     assert ((out["comp_rgb"] >= 0) & (out["comp_rgb"] <= 1)).all()
 
 
+@pytest.mark.parametrize("normal_type", ["analytic", "finite_difference"])
+def test_detached_shading_normals_shade_alike_but_only_colour_gets_the_light_gradient(normal_type):
+    rays_o, rays_d, cameras = make_cameras(size=8)
+    lights = cameras * 2.0
+    images, grads = {}, {}
+    for detach in (False, True):
+        torch.manual_seed(0)
+        renderer, geometry = make_renderer(
+            {"normal_type": normal_type, **CRISP_SPHERE}, material="diffuse-with-point-light",
+            randomized=False, detach_shading_normals=detach,
+        )
+        out = renderer(rays_o, rays_d, lights, shading="textureless")  # the light alone: a function of normals
+        out["comp_rgb"].sum().backward()
+        images[detach] = out["comp_rgb"].detach()
+        grads[detach] = geometry.encoding.params.grad.clone()
+    assert torch.allclose(images[True], images[False], atol=1e-4)
+    # without the normals' path the density gets only the compositing gradient: a different one
+    assert not torch.allclose(grads[True], grads[False], rtol=1e-2, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_fit_to_a_solid_colour_sphere_lowers_the_loss():
     torch.manual_seed(0)

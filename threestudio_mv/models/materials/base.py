@@ -44,6 +44,10 @@ class BaseMaterial(BaseModule):
     ) -> Tensor:
         raise NotImplementedError
 
+    def shades_with_normals(self, shading: Optional[str] = None, **kwargs: Any) -> bool:
+        """Whether the next call (with these keyword arguments) may read ``shading_normal``."""
+        return self.requires_normal
+
     def export(self, features: Tensor, **kwargs: Any) -> Dict[str, Tensor]:
         """Texture channels from raw features: at least {"albedo": (N, 3) in [0, 1]}."""
         raise NotImplementedError

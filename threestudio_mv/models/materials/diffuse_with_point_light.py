@@ -61,6 +61,12 @@ class DiffuseWithPointLightMaterial(BaseMaterial):
             return "albedo"
         return "textureless" if torch.rand(()).item() < self.cfg.textureless_prob else "diffuse"
 
+    def shades_with_normals(self, shading: Optional[str] = None, **kwargs: Any) -> bool:
+        """False when the call will return the albedo for sure (asked to, or in the ambient-only steps)."""
+        if shading is not None:
+            return shading != "albedo"
+        return not self.ambient_only
+
     def forward(
         self,
         features: Tensor,

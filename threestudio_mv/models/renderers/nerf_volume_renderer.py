@@ -86,6 +86,11 @@ class NeRFVolumeRenderer(BaseModule):
         occupancy_ema_decay: float = 0.95
         occupancy_warmup_steps: int = 256
         return_comp_normal: bool = False
+        # training with a shading material: compute the shading normals without gradient, only at
+        # samples that carry weight (> EVAL_MIN_WEIGHT, as eval does) and only when the material will
+        # read them. Much cheaper (no second-order backward); the light then shades the albedo (which
+        # comes out unlit) but no longer shapes the geometry
+        detach_shading_normals: bool = False
 
     cfg: Config
 
@@ -222,13 +227,20 @@ class NeRFVolumeRenderer(BaseModule):
         n_rays = rays_o.shape[0]
         geometry, normal_type = self.geometry, self.normal_type(self.geometry)
         points = rays_o[ray_indices] + rays_d[ray_indices] * t_positions[:, None]
+        detached_normals = self.training and normal_type is not None and self.cfg.detach_shading_normals
         if self.training:
-            want_normal = normal_type is not None or self.cfg.return_comp_normal
+            want_normal = (normal_type is not None and not detached_normals) or self.cfg.return_comp_normal
             geo = geometry(points, output_normal=want_normal, normal_type=normal_type or "finite_difference")
             density = geo["density"]
         else:
             density = geometry.forward_density(points)
         weights = weights_fn(density[:, 0])[:, None]
+        if detached_normals and self.material.shades_with_normals(**kwargs):
+            with torch.no_grad():
+                shaded = weights[:, 0] > EVAL_MIN_WEIGHT
+                normal = torch.zeros_like(points)
+                normal[shaded] = geometry(points[shaded], output_normal=True)["normal"]
+            geo = {**geo, "normal": normal, "shading_normal": normal}
         depth = _accumulate(weights * t_positions[:, None], ray_indices, n_rays)
         out = {
             "opacity": _accumulate(weights, ray_indices, n_rays),
@@ -257,7 +269,7 @@ class NeRFVolumeRenderer(BaseModule):
                 sample_weights=weights, sample_points=points, sample_density=density, sample_t_dirs=t_dirs,
                 sample_ray_indices=ray_indices,
             )
-            if normal_type is not None:
+            if "normal" in geo:
                 out["sample_normal"] = geo["normal"]
         return out
 
