@@ -49,10 +49,11 @@ class MVDreamSystem(VolumeSystem):
         guidance_out = self.guidance(out["comp_rgb"], prompt.cond, prompt.uncond, batch["c2w"], int(batch["n_view"]))
         step = self.true_global_step
         terms = {"sds": (self.cfg.lambda_sds, lambda: guidance_out["loss_sds"])}
-        terms["sparsity"] = (self.cfg.lambda_sparsity, lambda: losses.sparsity(out["opacity"]))
-        terms["opaque"] = (self.cfg.lambda_opaque, lambda: losses.binary_entropy(out["opacity"]))
-        terms["z_variance"] = (self.cfg.lambda_z_variance, lambda: losses.z_variance(out))
-        terms["orient"] = (self.cfg.lambda_orient, lambda: losses.orientation(out))
+        if not self.geometry_frozen(step):  # these only shape the geometry
+            terms["sparsity"] = (self.cfg.lambda_sparsity, lambda: losses.sparsity(out["opacity"]))
+            terms["opaque"] = (self.cfg.lambda_opaque, lambda: losses.binary_entropy(out["opacity"]))
+            terms["z_variance"] = (self.cfg.lambda_z_variance, lambda: losses.z_variance(out))
+            terms["orient"] = (self.cfg.lambda_orient, lambda: losses.orientation(out))
         loss = torch.zeros((), device=out["comp_rgb"].device)
         for name, (weight, compute) in terms.items():
             weight = C(weight, step)

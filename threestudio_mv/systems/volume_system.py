@@ -6,7 +6,7 @@ test turntables, and exports a textured mesh. Subclasses (reconstruction, mvdrea
 """
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -33,6 +33,9 @@ class VolumeSystem(BaseSystem):
         renderer: Dict[str, Any] = field(default_factory=dict)
         exporter_type: str = "mesh-exporter"
         exporter: Dict[str, Any] = field(default_factory=dict)
+        # texture phase: from this step on the geometry's shape modules are frozen and only colour trains
+        # (None: never). Losses that only shape the geometry are then skipped by the systems.
+        freeze_geometry_step: Optional[int] = None
 
     def configure(self) -> None:
         cfg = self.cfg
@@ -47,6 +50,15 @@ class VolumeSystem(BaseSystem):
             background=self.background,
         )
         self._test_frames: List[Any] = []
+
+    def geometry_frozen(self, step: int) -> bool:
+        """Whether ``step`` is in the texture phase (see ``freeze_geometry_step``)."""
+        return self.cfg.freeze_geometry_step is not None and step >= self.cfg.freeze_geometry_step
+
+    def on_update_step(self, epoch: int, global_step: int) -> None:
+        trainable = not self.geometry_frozen(global_step)
+        for module in self.geometry.shape_modules():
+            module.requires_grad_(trainable)
 
     def forward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         return self.renderer(**batch)

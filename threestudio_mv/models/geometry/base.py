@@ -1,9 +1,9 @@
 """Base class of the implicit geometries: a field in the box [-radius, radius]^3 that can be meshed."""
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from threestudio_mv.models.geometry.isosurface import IsosurfaceMesh, extract_isosurface
 from threestudio_mv.utils.base import BaseModule
@@ -47,6 +47,11 @@ class BaseImplicitGeometry(BaseModule):
 
     def forward_field(self, points: Tensor) -> Tensor:
         """(N, 3) world points -> (N, 1) scalar field, larger inside the object."""
+        raise NotImplementedError
+
+    def shape_modules(self) -> List[nn.Module]:
+        """The submodules that decide the shape (the field); the rest only colour it. A texture phase
+        freezes these."""
         raise NotImplementedError
 
     def isosurface(self) -> IsosurfaceMesh:

@@ -1,10 +1,10 @@
 """``implicit-volume``: a density + feature field (encoding + two small MLPs) inside [-r, r]^3."""
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 import threestudio_mv
 from threestudio_mv.models.encodings import get_encoding, get_mlp
@@ -170,6 +170,10 @@ class ImplicitVolume(BaseImplicitGeometry):
     def forward_field(self, points: Tensor) -> Tensor:
         """The field meshed by ``isosurface()``: the activated density (N, 1)."""
         return self.forward_density(points)
+
+    def shape_modules(self) -> List[nn.Module]:
+        """The encoding (shared by both heads) and the density head; the feature head only colours."""
+        return [self.encoding, self.density_network]
 
     def export(self, points: Tensor, **kwargs: Any) -> Dict[str, Tensor]:
         """Raw features at (surface) points, for texture baking: {"features": (N, n_feature_dims)}."""
