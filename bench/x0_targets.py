@@ -12,7 +12,8 @@ target. A perfect guidance returns the render itself. Per setting and timestep:
 - ``silhouette_iou``: IoU of the target's foreground on white with the true mask, per view, as the
   t2mv evaluation measures it (``threestudio_mv.eval.t2mv_eval.foreground`` and ``iou``).
 
-    python bench/x0_targets.py [--scales 20 10 5 3] [--denoise-steps 1] [--timesteps 50 150 300 500] [--num 16]
+    python bench/x0_targets.py [--scales 20 10 5 3] [--denoise-steps 1] [--std-rescales 0.5] [--timesteps 50 150 300 500]
+        [--num 16]
 """
 import argparse
 import json
@@ -53,6 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", type=float, nargs="+", default=[20.0, 10.0, 5.0, 3.0])
     parser.add_argument("--denoise-steps", type=int, nargs="+", default=[1], help="recon_denoise_steps values")
+    parser.add_argument("--std-rescales", type=float, nargs="+", default=None,
+                        help="recon_std_rescale values (default: the config's)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[50, 150, 300, 500])
     parser.add_argument("--num", type=int, default=16, help="held-out captions, spread over the split")
     args = parser.parse_args()
@@ -61,12 +64,14 @@ def main() -> None:
     noise_generator = torch.Generator().manual_seed(0)  # the renders' noise: the same for every setting list
     guidance_cfg = OmegaConf.to_container(load_yaml_with_extends(CONFIG)["system"]["guidance"], resolve=True)
     guidance_type = threestudio_mv.find("multiview-diffusion-guidance")
+    rescales = args.std_rescales or [guidance_cfg.get("recon_std_rescale", 0.5)]
     guidances = {
-        f"cfg {scale:g}, {steps} step{'s' if steps > 1 else ''}": guidance_type(
-            {**guidance_cfg, "guidance_scale": scale, "recon_denoise_steps": steps}
+        f"cfg {scale:g}, {steps} step{'s' if steps > 1 else ''}, rescale {rescale:g}": guidance_type(
+            {**guidance_cfg, "guidance_scale": scale, "recon_denoise_steps": steps, "recon_std_rescale": rescale}
         )
         for scale in args.scales
         for steps in args.denoise_steps
+        for rescale in rescales
     }
     model = next(iter(guidances.values())).model
     for guidance in guidances.values():
