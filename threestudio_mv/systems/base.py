@@ -52,8 +52,8 @@ class BaseSystem(pl.LightningModule, Updateable):
     @property
     def true_global_step(self) -> int:
         """The optimiser step: the trainer's while training, the checkpoint's after load_trained."""
-        if self._trainer is not None:
-            return int(self.global_step)
+        if self._trainer is not None:  # --test/--validate of a loaded trial: the trainer's step stays 0
+            return max(int(self.global_step), self._restored_step)
         return self._restored_step
 
     _restored_step: int = 0
