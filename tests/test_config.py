@@ -1,9 +1,13 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+import threestudio_mv
 from threestudio_mv.utils.config import C, Schedule, parse_structured, schedule
 from threestudio_mv.utils.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -77,3 +81,26 @@ def test_schedule_values_bound_the_schedule_over_all_steps():
         samples = [C(value, step) for step in range(0, 300)]
         assert min(samples) == pytest.approx(min(knots)) and max(samples) == pytest.approx(max(knots))
 
+
+
+@pytest.mark.parametrize("name", ["mvdream", "mvdream-sds", "mvdream-shading", "mvdream-sd21"])
+def test_text_to_3d_configs_build(name, tmp_path):
+    """Each shipped text-to-3D config (with its `extends`) parses strictly and builds its modules."""
+    from launch import TrialConfig, load_yaml_with_extends
+
+    raw = load_yaml_with_extends(REPO / "configs" / f"{name}.yaml")
+    raw.system.prompt_processor.prompt = "a red cube"
+    cfg = parse_structured(TrialConfig, raw)
+    threestudio_mv.find(cfg.data_type)(cfg.data)
+    system = threestudio_mv.find(cfg.system_type)(cfg.system, trial_dir=str(tmp_path))
+    assert system.geometry.cfg.radius > 0
+
+
+def test_default_camera_light_is_the_light_of_the_bundled_models_training_renders():
+    from launch import load_yaml_with_extends
+    from threestudio_mv.data.procedural import Light
+
+    configured, rendered = load_yaml_with_extends(REPO / "configs" / "mvdream.yaml").data.camera_light, Light()
+    assert list(configured.direction_camera) == pytest.approx(list(rendered.direction))
+    assert configured.ambient_ratio == pytest.approx(rendered.ambient)
+    assert rendered.ambient + rendered.diffuse == pytest.approx(1.0)  # the material's diffuse = 1 - ratio

@@ -49,6 +49,8 @@ def test_resume_continues_the_same_trial_and_seed_is_deterministic(tmp_path):
     launch(tmp_path, "--train", "trainer.max_steps=20", f"resume={trial / 'ckpts' / 'last.ckpt'}", "tag=a")
     resumed = weights(trial / "ckpts" / "last.ckpt")
     assert resumed["global_step"] == 20
+    launch(tmp_path, "--test", f"resume={trial / 'ckpts' / 'last.ckpt'}", "tag=a", "data.n_test_views=2")
+    assert (trial / "save" / "it20-test-000.png").is_file()  # named by the checkpoint's step, not 0
     assert len(list((trial / "csv_logs").glob("run-*/metrics.csv"))) >= 1
 
     launch(tmp_path, "--train", "trainer.max_steps=10", "tag=b")
@@ -57,3 +59,19 @@ def test_resume_continues_the_same_trial_and_seed_is_deterministic(tmp_path):
     assert again.keys() == first.keys()
     for key, value in again.items():
         assert torch.allclose(value.float(), first[key].float()), key
+
+
+@pytest.mark.slow
+def test_texture_phase_freezes_the_shape_and_trains_the_colour(tmp_path):
+    # --test renders with the default's analytic normals, which need autograd in eval (no inference mode)
+    launch(tmp_path, "--train", "--test", "trainer.max_steps=12", "checkpoint.every_n_train_steps=6", "tag=tex",
+           "system.freeze_geometry_step=6", "data.n_test_views=2")
+    assert (tmp_path / "mvdream" / "tex" / "save" / "it12-test.mp4").is_file()
+    ckpts = tmp_path / "mvdream" / "tex" / "ckpts"
+    before, after = weights(ckpts / "step000006.ckpt")["state_dict"], weights(ckpts / "step000012.ckpt")["state_dict"]
+    shape = [key for key in before if key.startswith(("geometry.encoding", "geometry.density_network"))]
+    colour = [key for key in before if key.startswith("geometry.feature_network")]
+    assert shape and colour
+    for key in shape:
+        assert torch.equal(before[key], after[key]), key
+    assert any(not torch.equal(before[key], after[key]) for key in colour)
