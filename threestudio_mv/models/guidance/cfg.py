@@ -1,5 +1,5 @@
-"""What the sampler and the SDS guidance share: classifier-free guidance, and the background anchor
-of x0 predictions."""
+"""What the sampler and the SDS guidance share: classifier-free guidance, the conversions between a
+noise prediction and its x0, and the background anchor of x0 predictions."""
 from typing import Optional, Tuple
 
 import torch
@@ -36,6 +36,16 @@ def predict_noise_with_cfg(
     )
     eps_cond, eps_uncond = eps.chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond), eps_cond, eps_uncond
+
+
+def x0_from_eps(sample: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The x0 that noise prediction ``eps`` implies for ``sample`` at cumulative alpha ``alpha_bar``."""
+    return (sample - (1.0 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def eps_from_x0(sample: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The noise prediction that x0 prediction ``x0`` implies for ``sample`` (inverse of :func:`x0_from_eps`)."""
+    return (sample - alpha_bar.sqrt() * x0) / (1.0 - alpha_bar).sqrt()
 
 
 def anchor_background(x0: torch.Tensor, background: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from threestudio_mv import register
-from threestudio_mv.models.guidance.cfg import anchor_background, predict_noise_with_cfg
+from threestudio_mv.models.guidance.cfg import anchor_background, eps_from_x0, predict_noise_with_cfg, x0_from_eps
 from threestudio_mv.utils.base import Updateable
 from threestudio_mv.utils.camera import mvdream_camera_condition
 from threestudio_mv.utils.config import C, Schedule, parse_structured, schedule, schedule_values
@@ -117,9 +117,9 @@ class MultiviewDiffusionGuidance(Updateable):
         alpha_bar = self.alphas_cumprod[timestep]
         t = torch.full((noisy.shape[0],), timestep, device=noisy.device, dtype=torch.long)
         eps_cfg, eps_cond, _ = predict_noise_with_cfg(self.model, noisy, t, cond, uncond, camera, n_view, scale)
-        x0 = (noisy - (1.0 - alpha_bar).sqrt() * eps_cfg) / alpha_bar.sqrt()
+        x0 = x0_from_eps(noisy, eps_cfg, alpha_bar)
         if self.cfg.recon_std_rescale > 0:
-            x0_cond = (noisy - (1.0 - alpha_bar).sqrt() * eps_cond) / alpha_bar.sqrt()
+            x0_cond = x0_from_eps(noisy, eps_cond, alpha_bar)
             x0 = rescale_x0_per_group(x0, x0_cond, n_view, self.cfg.recon_std_rescale)
         if self.anchor_colour is not None:
             x0 = anchor_background(x0, self.anchor_colour)
@@ -145,8 +145,7 @@ class MultiviewDiffusionGuidance(Updateable):
             if index == len(timesteps) - 1:
                 break
             # the scheduler takes eps: the one implied by the processed x0 (as the sampler's anchor)
-            alpha_bar = self.alphas_cumprod[step]
-            eps = (sample - alpha_bar.sqrt() * x0) / (1.0 - alpha_bar).sqrt()
+            eps = eps_from_x0(sample, x0, self.alphas_cumprod[step])
             sample = scheduler.step(eps, step, sample).prev_sample
         return x0
 

@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from threestudio_mv.models.guidance.cfg import anchor_background, predict_noise_with_cfg
+from threestudio_mv.models.guidance.cfg import anchor_background, eps_from_x0, predict_noise_with_cfg, x0_from_eps
 from threestudio_mv.models.mvdiffusion.model import MultiViewDiffusionModel
 from threestudio_mv.utils.camera import mvdream_camera_condition
 
@@ -53,8 +53,8 @@ def sample_multiview(
         )
         if background is not None:
             alpha_bar = scheduler.alphas_cumprod[timestep].to(device)
-            x0 = anchor_background((sample - (1.0 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt(), background)
-            eps = (sample - alpha_bar.sqrt() * x0) / (1.0 - alpha_bar).sqrt()
+            x0 = anchor_background(x0_from_eps(sample, eps, alpha_bar), background)
+            eps = eps_from_x0(sample, x0, alpha_bar)
         noise = torch.randn(shape, generator=generator).to(device) if eta > 0 else None
         sample = scheduler.step(eps, timestep, sample, eta=eta, variance_noise=noise).prev_sample
     images = model.decode_samples(sample)
