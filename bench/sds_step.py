@@ -53,11 +53,8 @@ class StepTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def time_steps(size: int, recon_loss: bool, steps: int, warmup: int, gpu: bool) -> Dict[str, float]:
-    overrides = [
-        f"data.width={size}", f"data.height={size}", f"system.guidance.recon_loss={str(recon_loss).lower()}",
-        f"system.prompt_processor.prompt={PROMPT}",
-    ]
+def time_steps(overrides: List[str], steps: int, warmup: int, gpu: bool) -> Dict[str, float]:
+    """Fit ``steps`` steps of the default config with ``overrides`` (dotlist); time all but ``warmup``."""
     raw = OmegaConf.merge(load_yaml_with_extends(CONFIG), OmegaConf.from_dotlist(overrides))
     cfg = parse_structured(TrialConfig, raw)
     pl.seed_everything(cfg.seed, verbose=False)
@@ -72,7 +69,10 @@ def time_steps(size: int, recon_loss: bool, steps: int, warmup: int, gpu: bool) 
         )
         trainer.fit(system, datamodule=datamodule)
     timed = timer.seconds[warmup:]
-    return {"seconds_per_step": statistics.median(timed), "min": min(timed), "max": max(timed), "steps_timed": len(timed)}
+    return {
+        "seconds_per_step": statistics.median(timed), "mean": statistics.fmean(timed), "min": min(timed),
+        "max": max(timed), "steps_timed": len(timed),
+    }
 
 
 @exit_on_user_error
@@ -92,8 +92,14 @@ def main() -> None:
         "config": str(CONFIG.relative_to(REPO)), "views_per_step": 4, "by_size": {},
     }
     for size in args.sizes:
-        sds = time_steps(size, False, args.steps, args.warmup, gpu)
-        x0 = time_steps(size, True, args.steps, args.warmup, gpu)
+        sds, x0 = (
+            time_steps(
+                [f"data.width={size}", f"data.height={size}", f"system.guidance.recon_loss={recon_loss}",
+                 f"system.prompt_processor.prompt={PROMPT}"],
+                args.steps, args.warmup, gpu,
+            )
+            for recon_loss in ("false", "true")
+        )
         results["by_size"][str(size)] = {
             "sds (baseline)": sds, "x0_sds": x0,
             "x0_over_sds": x0["seconds_per_step"] / sds["seconds_per_step"],

@@ -150,6 +150,40 @@ def test_empty_space_skipping_matches_dense_sampling_on_a_converged_field():
         assert (out_pruned[key] - out_dense[key]).abs().max() < 1e-3, key
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_density_pruning_keeps_the_image_and_drops_hidden_samples(training):
+    pruning = {"prune_alpha_threshold": 0.01, "prune_early_stop_eps": 1e-4}
+    outs = {}
+    for prune in (False, True):
+        renderer, geometry = make_renderer(CONVERGED_SPHERE, zero_density_mlp=True, randomized=False,
+                                           return_comp_normal=True, **(pruning if prune else {}))
+        set_mode(renderer, training)
+        outs[prune] = renderer(*make_cameras(size=12))
+    for key in ("comp_rgb", "opacity", "depth"):
+        assert (outs[True][key] - outs[False][key]).abs().max() < 0.02, key
+    if training:  # most samples are inside the solid sphere, behind its surface
+        assert outs[True]["weights"].shape[0] < 0.5 * outs[False]["weights"].shape[0]
+
+
+def test_density_pruning_drops_a_faint_haze_and_still_backpropagates():
+    # softplus(-3) = 0.049: alpha ~0.003 per sample, below the threshold, yet 0.07-0.1 opacity across the box
+    renderer, geometry = make_renderer({"density_bias": -3.0}, zero_density_mlp=True, randomized=False,
+                                       prune_alpha_threshold=0.01)
+    rays_o, rays_d, lights = make_cameras(size=6)
+    renderer.cfg.prune_alpha_threshold = 0.0
+    assert renderer(rays_o, rays_d, lights)["opacity"].min() > 0.05
+    renderer.cfg.prune_alpha_threshold = 0.01
+    out = renderer(rays_o, rays_d, lights)
+    assert out["weights"].shape[0] == 0 and out["opacity"].abs().max() == 0
+    out["comp_rgb"].sum().backward()  # no samples left: still a valid graph
+
+
+@pytest.mark.parametrize("key", ["prune_alpha_threshold", "prune_early_stop_eps"])
+def test_density_pruning_thresholds_are_checked(key):
+    with pytest.raises(UserError, match=key):
+        make_renderer(**{key: 1.5})
+
+
 def test_occupancy_grid_warm_up_keeps_every_cell():
     renderer, _ = make_renderer(CRISP_SPHERE, zero_density_mlp=True, occupancy_warmup_steps=100)
     renderer.update_step(0, 0)

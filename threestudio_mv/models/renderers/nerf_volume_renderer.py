@@ -91,6 +91,12 @@ class NeRFVolumeRenderer(BaseModule):
         # read them. Much cheaper (no second-order backward); the light then shades the albedo (which
         # comes out unlit) but no longer shapes the geometry
         detach_shading_normals: bool = False
+        # nerfacc's sigma_fn pruning (threestudio's default in training): a gradient-free density pass
+        # drops samples whose alpha is below ``prune_alpha_threshold`` (nerfacc's ``alpha_thre``) or
+        # whose transmittance is below ``prune_early_stop_eps`` (``early_stop_eps``), so only samples
+        # that show are evaluated with gradient. 0 and 0 turn it off (every grid-kept sample is rendered)
+        prune_alpha_threshold: float = 0.0
+        prune_early_stop_eps: float = 0.0
 
     cfg: Config
 
@@ -106,6 +112,11 @@ class NeRFVolumeRenderer(BaseModule):
         if cfg.sampler not in SAMPLERS:
             raise UserError(
                 f"config key '{self.config_prefix}.sampler': unknown '{cfg.sampler}'; use one of {', '.join(SAMPLERS)}"
+            )
+        if not (0.0 <= cfg.prune_alpha_threshold < 1.0 and 0.0 <= cfg.prune_early_stop_eps < 1.0):
+            raise UserError(
+                f"{self.config_prefix}: prune_alpha_threshold and prune_early_stop_eps must be in [0, 1) "
+                f"(got {cfg.prune_alpha_threshold} and {cfg.prune_early_stop_eps}); 0 turns each off"
             )
         if cfg.num_samples_per_ray < 1 or cfg.occupancy_grid_resolution < 1 or cfg.eval_chunk_size < 1:
             raise UserError(
@@ -222,8 +233,9 @@ class NeRFVolumeRenderer(BaseModule):
         if rays_o.is_cuda and self.cfg.sampler == "auto":
             ray_indices, t_starts, t_ends, t_positions = self._sample_nerfacc(rays_o, rays_d)
             weights_fn = self._packed_weights_fn(ray_indices, t_starts, t_ends, rays_o.shape[0])
+            known_density = None
         else:
-            ray_indices, t_starts, t_ends, t_positions, weights_fn = self._sample_dense(rays_o, rays_d)
+            ray_indices, t_starts, t_ends, t_positions, weights_fn, known_density = self._sample_dense(rays_o, rays_d)
         n_rays = rays_o.shape[0]
         geometry, normal_type = self.geometry, self.normal_type(self.geometry)
         points = rays_o[ray_indices] + rays_d[ray_indices] * t_positions[:, None]
@@ -233,7 +245,7 @@ class NeRFVolumeRenderer(BaseModule):
             geo = geometry(points, output_normal=want_normal, normal_type=normal_type or "finite_difference")
             density = geo["density"]
         else:
-            density = geometry.forward_density(points)
+            density = known_density[:, None] if known_density is not None else geometry.forward_density(points)
         weights = weights_fn(density[:, 0])[:, None]
         if detached_normals and self.material.shades_with_normals(**kwargs):
             with torch.no_grad():
@@ -273,11 +285,17 @@ class NeRFVolumeRenderer(BaseModule):
                 out["sample_normal"] = geo["normal"]
         return out
 
-    def _sample_dense(self, rays_o: Tensor, rays_d: Tensor):
-        """Stratified samples between box entry and exit; keeps only those in occupied cells.
+    @property
+    def prunes_by_density(self) -> bool:
+        return self.cfg.prune_alpha_threshold > 0.0 or self.cfg.prune_early_stop_eps > 0.0
 
-        Returns the kept samples' ray indices, interval starts/ends and positions (M,), and a function
-        from their densities (M,) to their weights (M,) (the skipped samples have zero density).
+    def _sample_dense(self, rays_o: Tensor, rays_d: Tensor):
+        """Stratified samples between box entry and exit; keeps those in occupied cells (and, with
+        density pruning, those that show).
+
+        Returns the kept samples' ray indices, interval starts/ends and positions (M,), a function
+        from their densities (M,) to their weights (M,) (the skipped samples have zero density), and
+        their gradient-free densities (M,) when density pruning computed them (else None).
         """
         import nerfacc  # its dense functions run on CPU (pure PyTorch)
 
@@ -295,13 +313,26 @@ class NeRFVolumeRenderer(BaseModule):
         if self.cfg.grid_prune:
             keep = keep & self.occupied(rays_o[:, None] + rays_d[:, None] * t_positions[..., None])
         ray_indices, sample_indices = keep.nonzero(as_tuple=True)
+        known_density = None
+        if self.prunes_by_density:
+            with torch.no_grad():
+                points = rays_o[ray_indices] + rays_d[ray_indices] * t_positions[keep][:, None]
+                density = self.geometry.forward_density(points)[:, 0]
+                sigmas = torch.zeros_like(t_starts).index_put((ray_indices, sample_indices), density)
+                visible = nerfacc.volrend.render_visibility_from_density(
+                    t_starts, t_ends, sigmas, early_stop_eps=self.cfg.prune_early_stop_eps,
+                    alpha_thre=self.cfg.prune_alpha_threshold,
+                )
+            known_density = density[visible[ray_indices, sample_indices]]
+            keep = keep & visible
+            ray_indices, sample_indices = keep.nonzero(as_tuple=True)
 
         def weights_from_density(density: Tensor) -> Tensor:
             sigmas = torch.zeros_like(t_starts).index_put((ray_indices, sample_indices), density)
             weights = nerfacc.volrend.render_weight_from_density(t_starts, t_ends, sigmas)[0]
             return weights[ray_indices, sample_indices]
 
-        return ray_indices, t_starts[keep], t_ends[keep], t_positions[keep], weights_from_density
+        return ray_indices, t_starts[keep], t_ends[keep], t_positions[keep], weights_from_density, known_density
 
     @staticmethod
     def _packed_weights_fn(ray_indices: Tensor, t_starts: Tensor, t_ends: Tensor, n_rays: int):
@@ -329,9 +360,16 @@ class NeRFVolumeRenderer(BaseModule):
             object.__setattr__(self, "_estimator", estimator)  # not a sub-module: our grid is the state
         mask = self.occupancy_mask if self.cfg.grid_prune else torch.ones_like(self.occupancy_mask)
         self._estimator.binaries = mask[None]
+
+        def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
+            t_mid = (t_starts + t_ends)[:, None] * 0.5
+            return self.geometry.forward_density(rays_o[ray_indices] + rays_d[ray_indices] * t_mid)[:, 0]
+
         ray_indices, t_starts, t_ends = self._estimator.sampling(
-            rays_o, rays_d, sigma_fn=None, render_step_size=self.render_step_size, alpha_thre=0.0,
-            stratified=self.training and self.cfg.randomized, cone_angle=0.0, early_stop_eps=0.0,
+            rays_o, rays_d, sigma_fn=sigma_fn if self.prunes_by_density else None,
+            render_step_size=self.render_step_size, alpha_thre=self.cfg.prune_alpha_threshold,
+            stratified=self.training and self.cfg.randomized, cone_angle=0.0,
+            early_stop_eps=self.cfg.prune_early_stop_eps,
         )
         return ray_indices.long(), t_starts, t_ends, (t_starts + t_ends) * 0.5
 
