@@ -63,9 +63,10 @@ def test_resume_continues_the_same_trial_and_seed_is_deterministic(tmp_path):
 
 @pytest.mark.slow
 def test_texture_phase_freezes_the_shape_and_trains_the_colour(tmp_path):
-    # --test renders with the default's analytic normals, which need autograd in eval (no inference mode)
+    # --test renders with analytic normals, which need autograd in eval (no inference mode)
     launch(tmp_path, "--train", "--test", "trainer.max_steps=12", "checkpoint.every_n_train_steps=6", "tag=tex",
-           "system.freeze_geometry_step=6", "data.n_test_views=2")
+           "system.freeze_geometry_step=6", "data.n_test_views=2", "system.lr_scale=[[0,1],[6,1],[12,0.1]]",
+           "system.geometry.normal_type=analytic")
     assert (tmp_path / "mvdream" / "tex" / "save" / "it12-test.mp4").is_file()
     ckpts = tmp_path / "mvdream" / "tex" / "ckpts"
     before, after = weights(ckpts / "step000006.ckpt")["state_dict"], weights(ckpts / "step000012.ckpt")["state_dict"]
@@ -75,3 +76,6 @@ def test_texture_phase_freezes_the_shape_and_trains_the_colour(tmp_path):
     for key in shape:
         assert torch.equal(before[key], after[key]), key
     assert any(not torch.equal(before[key], after[key]) for key in colour)
+    lrs = [weights(ckpts / f"step0000{step:02d}.ckpt")["optimizer_states"][0]["param_groups"][0]["lr"] for step in (6, 12)]
+    assert lrs[0] == pytest.approx(0.01)  # lr_scale anneals only the texture phase: 1 -> 0.1 over steps 6-12
+    assert 0.01 * 0.1 <= lrs[1] <= 0.01 * 0.25 + 1e-9, lrs  # the scale of step 12, or of step 11 before it ran

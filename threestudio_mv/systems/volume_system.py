@@ -12,6 +12,7 @@ import torch
 
 import threestudio_mv
 from threestudio_mv.systems.base import BaseSystem
+from threestudio_mv.utils.config import C, Schedule, schedule, schedule_values
 from threestudio_mv.utils.io import to_uint8
 
 # Renderer outputs shown in validation grids, in this order, when present.
@@ -36,6 +37,10 @@ class VolumeSystem(BaseSystem):
         # texture phase: from this step on the geometry's shape modules are frozen and only colour trains
         # (None: never). Losses that only shape the geometry are then skipped by the systems.
         freeze_geometry_step: Optional[int] = None
+        # every parameter group's lr is multiplied by this C() schedule of the step, e.g.
+        # [[0, 1], [500, 1], [650, 0.1]] anneals a final phase so it ends near the mean of its noisy
+        # targets, not on the last one
+        lr_scale: Schedule = schedule(1.0)
 
     def configure(self) -> None:
         cfg = self.cfg
@@ -54,6 +59,15 @@ class VolumeSystem(BaseSystem):
     def geometry_frozen(self, step: int) -> bool:
         """Whether ``step`` is in the texture phase (see ``freeze_geometry_step``)."""
         return self.cfg.freeze_geometry_step is not None and step >= self.cfg.freeze_geometry_step
+
+    def configure_optimizers(self) -> Any:
+        optimizer = super().configure_optimizers()
+        if schedule_values(self.cfg.lr_scale) == [1.0]:
+            return optimizer
+        # The lambda reads the trial's step, not LambdaLR's own count: a resumed checkpoint saved
+        # without this scheduler (or before lr_scale was set) stays on schedule.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: C(self.cfg.lr_scale, self.true_global_step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_update_step(self, epoch: int, global_step: int) -> None:
         trainable = not self.geometry_frozen(global_step)
