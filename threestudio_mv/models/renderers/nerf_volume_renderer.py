@@ -287,6 +287,7 @@ class NeRFVolumeRenderer(BaseModule):
 
     @property
     def prunes_by_density(self) -> bool:
+        """Whether a gradient-free density pass drops samples (``prune_*`` above 0)."""
         return self.cfg.prune_alpha_threshold > 0.0 or self.cfg.prune_early_stop_eps > 0.0
 
     def _sample_dense(self, rays_o: Tensor, rays_d: Tensor):
