@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -75,20 +75,31 @@ def time_steps(overrides: List[str], steps: int, warmup: int, gpu: bool) -> Dict
     }
 
 
-@exit_on_user_error
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="render sizes (pixels per side)")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=25, help="first steps not timed")
+def add_timing_arguments(parser: argparse.ArgumentParser, steps: int, warmup: int, steps_help: str = "") -> None:
+    """``--steps``, ``--warmup`` and ``--gpu``, as :func:`start_timing` reads them."""
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help or None)
+    parser.add_argument("--warmup", type=int, default=warmup, help="first steps not timed")
     parser.add_argument("--gpu", action="store_true", help="run on CUDA (falls back to CPU without it)")
-    args = parser.parse_args()
+
+
+def start_timing(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Tuple[bool, str]:
+    """Check the timing arguments and quiet the libraries; returns (use the GPU, device name)."""
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
     quiet_libraries()
     gpu = args.gpu and torch.cuda.is_available()
+    return gpu, torch.cuda.get_device_name(0) if gpu else f"cpu ({torch.get_num_threads()} threads)"
+
+
+@exit_on_user_error
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="render sizes (pixels per side)")
+    add_timing_arguments(parser, steps=40, warmup=25)
+    args = parser.parse_args()
+    gpu, device = start_timing(parser, args)
     results: Dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if gpu else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device,
         "config": str(CONFIG.relative_to(REPO)), "views_per_step": 4, "by_size": {},
     }
     for size in args.sizes:
