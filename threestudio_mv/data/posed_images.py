@@ -65,16 +65,16 @@ def _read_light(path: Path, value: Any) -> Optional[CameraLight]:
         return None
     direction = value.get("direction_camera") if isinstance(value, dict) else None
     ratio = value.get("ambient_ratio") if isinstance(value, dict) else None
-    valid_direction = (
+    numbers = (
         isinstance(direction, list) and len(direction) == 3
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in direction)
-        and any(v != 0 for v in direction)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*direction, ratio])
     )
-    if not valid_direction or not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio <= 1.0:
+    light = CameraLight(tuple(float(v) for v in direction), float(ratio)) if numbers else None
+    if light is None or not light.is_valid:
         raise UserError(
             f"{path}: 'light' must be {{\"direction_camera\": [x, y, z], \"ambient_ratio\": a in [0, 1]}}, got {value!r}"
         )
-    return CameraLight(tuple(float(v) for v in direction), float(ratio))
+    return light
 
 
 def _read_transforms(path: Path) -> Tuple[float, List[dict], Optional[CameraLight]]:

@@ -292,7 +292,7 @@ class RandomMultiviewCameraDataModule(CameraDataLoaders, pl.LightningDataModule,
                 f"config key 'data.light_sample_strategy' is '{cfg.light_sample_strategy}'; use 'dreamfusion' or 'camera'"
             )
         light = cfg.camera_light
-        if light is not None and (not any(light.direction_camera) or not 0.0 <= light.ambient_ratio <= 1.0):
+        if light is not None and not light.is_valid:
             raise UserError(
                 "config key 'data.camera_light' needs a non-zero direction_camera and an ambient_ratio in [0, 1], "
                 f"got direction_camera {list(light.direction_camera)}, ambient_ratio {light.ambient_ratio}"

@@ -235,6 +235,11 @@ class CameraLight:
     direction_camera: Tuple[float, float, float]
     ambient_ratio: float
 
+    @property
+    def is_valid(self) -> bool:
+        """A non-zero direction and an ambient ratio in [0, 1]."""
+        return any(v != 0 for v in self.direction_camera) and 0.0 <= self.ambient_ratio <= 1.0
+
 
 def camera_light_positions(c2w: Tensor, light: CameraLight) -> Tensor:
     """Point-light positions (B, 3) standing in for ``light`` in the views ``c2w`` (B, 4, 4)."""
