@@ -111,3 +111,21 @@ def test_background_anchor_makes_the_border_the_training_background(tmp_path: Pa
     free_error = np.abs(border(free) - [0.2, 0.6, 1.0]).mean()
     # The last DDIM step still adds sqrt(1 - abar_0) eps of an untrained model's (large) eps.
     assert anchored_error < 0.1 and anchored_error < 0.5 * free_error, (anchored_error, free_error)
+
+
+def test_camera_reliance_is_zero_for_a_model_blind_to_cameras(model_dir: Path) -> None:
+    from threestudio_mv.eval.t2mv_eval import camera_reliance
+    from threestudio_mv.utils.camera import view_group
+
+    model = MultiViewDiffusionModel.from_pretrained(model_dir)
+    views = view_group(4, 15.0, 0.0, 40.0, 0.92)
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        embeddings = model.text_encoder.encode(["a red cube"])
+        assert camera_reliance(model, embeddings, images, views["c2w"]) != 0.0  # random camera MLP: cameras matter
+        for parameter in model.unet.class_embedding.parameters():
+            parameter.zero_()  # the camera embedding is now 0 for every camera
+        assert camera_reliance(model, embeddings, images, views["c2w"]) == 0.0
+    with pytest.raises(ValueError, match="even number of views"):
+        camera_reliance(model, embeddings, images[:3], views["c2w"][:3])
+

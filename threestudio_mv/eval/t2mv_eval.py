@@ -21,6 +21,12 @@ generated at one elevation and rendered from the true asset at the same cameras.
   IoU with that view's silhouette. Views of one consistent object give ~1 (the hull reproduces every
   silhouette); views that disagree carve each other away. ``gt_consistency_iou`` is the same on the
   true renders (below 1 only from voxel and pixel discretisation).
+- ``camera_reliance`` (does the model use its cameras?): the true renders are noised at t = 500,
+  800 and 950 with seeded noise, and the model's noise-prediction error with the views' cameras
+  turned half a turn (each view given the camera of the view opposite) is compared with the error
+  with the true cameras: ``error_turned / error_true - 1``. A model that ignores its cameras scores
+  ~0 on every caption; one that knows which side it sees scores well above 0 on objects with a
+  front and back (a car, a duck) and ~0 on round ones. Reported per caption and as the mean.
 
 Writes a JSON summary (per split) with per-caption rows, and optionally a PNG: rows of prompts,
 generated views on the left, true renders on the right.
@@ -114,6 +120,41 @@ def visual_hull_consistency(masks: np.ndarray, c2w: torch.Tensor, fovy: torch.Te
     return float(np.mean(scores))
 
 
+RELIANCE_TIMESTEPS = (500, 800, 950)
+
+
+@torch.no_grad()
+def camera_reliance(
+    model, text_embeddings: torch.Tensor, images: torch.Tensor, c2w: torch.Tensor, seed: int = 0, draws: int = 2
+) -> float:
+    """Relative increase of the noise-prediction error on ``images`` (V, 3, H, W) in [0, 1] of one object
+    when each view gets the camera of the view opposite instead of its own (see the module docstring).
+
+    ``text_embeddings`` (1, L, D) of the object's caption; ``c2w`` (V, 4, 4), V even, evenly spaced.
+    """
+    from threestudio_mv.utils.camera import mvdream_camera_condition
+
+    views = images.shape[0]
+    if views % 2:
+        raise ValueError(f"camera_reliance needs an even number of views, got {views}")
+    device = model.device
+    clean = model.encode_images(images.to(device) * 2.0 - 1.0)
+    camera = mvdream_camera_condition(c2w).to(device)
+    turned = camera.roll(views // 2, dims=0)
+    embeddings = text_embeddings.to(device).expand(views, -1, -1)
+    scheduler = model.noise_scheduler()
+    generator = torch.Generator().manual_seed(seed)
+    error_true = error_turned = 0.0
+    for timestep in RELIANCE_TIMESTEPS:
+        timesteps = torch.full((views,), timestep, device=device)
+        for _ in range(draws):
+            noise = torch.randn(clean.shape, generator=generator).to(device)
+            noisy = scheduler.add_noise(clean, noise, timesteps)
+            error_true += torch.mean((model.predict_noise(noisy, timesteps, embeddings, camera, views) - noise) ** 2).item()
+            error_turned += torch.mean((model.predict_noise(noisy, timesteps, embeddings, turned, views) - noise) ** 2).item()
+    return error_turned / error_true - 1.0
+
+
 def evaluate_captions(
     model, encode, captions: List[str], elevation: float, steps: Optional[int], guidance: Optional[float],
     seed: int, batch: int, progress: bool = True, anchor: bool = True, eta: Optional[float] = None,
@@ -136,6 +177,7 @@ def evaluate_captions(
         for caption, generated in zip(chunk, result["images"]):
             asset = parse_caption(caption)
             truth = render_views(asset, c2w, fovy, size=generated.shape[1])
+            reliance = camera_reliance(model, encode([caption + suffix]), truth["rgb"].permute(0, 3, 1, 2), c2w, seed)
             true_rgb = (truth["rgb"].numpy() * 255.0 + 0.5).astype(np.uint8)
             true_masks = truth["alpha"].numpy() > 0.5
             white_masks = foreground(generated)
@@ -149,6 +191,7 @@ def evaluate_captions(
                 "true_colour": asset.dominant_colour,
                 "consistency_iou": visual_hull_consistency(masks, c2w, fovy),
                 "gt_consistency_iou": visual_hull_consistency(true_masks, c2w, fovy),
+                "camera_reliance": reliance,
                 "images": generated,
                 "truth": true_rgb,
             })
@@ -160,6 +203,7 @@ def evaluate_captions(
         "gt_colour_accuracy": float(np.mean([r["gt_colour"] == r["true_colour"] for r in rows])),
         "consistency_iou": float(np.mean([r["consistency_iou"] for r in rows])),
         "gt_consistency_iou": float(np.mean([r["gt_consistency_iou"] for r in rows])),
+        "camera_reliance": float(np.mean([r["camera_reliance"] for r in rows])),
     }
     return {"summary": summary, "rows": rows}
 
