@@ -129,3 +129,26 @@ def test_camera_reliance_is_zero_for_a_model_blind_to_cameras(model_dir: Path) -
     with pytest.raises(ValueError, match="even number of views"):
         camera_reliance(model, embeddings, images[:3], views["c2w"][:3])
 
+
+def test_bundled_model_knows_which_side_of_an_object_it_sees() -> None:
+    """On held-out captions: turning the cameras half a turn hurts the noise prediction of objects with a
+    front (a duck, a car) and not of a sphere. The step-5000 weights shipped before would fail: they
+    scored 0.004 on average over 40 held-out captions, 0.015 for a duck (README, the bundled model)."""
+    from threestudio_mv.data.procedural import parse_caption, render_views, vocabulary
+    from threestudio_mv.eval.t2mv_eval import camera_reliance
+    from threestudio_mv.utils.camera import view_group
+
+    model = MultiViewDiffusionModel.from_pretrained()
+    encoder = model.build_text_encoder()
+    heldout = vocabulary("heldout")
+    views = view_group(4, 15.0, 0.0, 40.0, 0.92)
+
+    def reliance(noun: str) -> float:
+        caption = next(c for c in heldout if c.split(" with ")[0].endswith(" " + noun))
+        images = render_views(parse_caption(caption), views["c2w"], views["fovy"], 32)["rgb"].permute(0, 3, 1, 2)
+        with torch.no_grad():
+            return camera_reliance(model, encoder.encode([caption]), images, views["c2w"])
+
+    duck, car, sphere = reliance("duck"), reliance("car"), reliance("sphere")
+    assert duck > 0.05 and car > 0.02, (duck, car)
+    assert abs(sphere) < 0.5 * min(duck, car), (sphere, duck, car)
