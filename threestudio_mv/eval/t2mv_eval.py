@@ -169,15 +169,16 @@ def evaluate_captions(
     starts = range(0, len(captions), batch)
     for start in tqdm(starts, total=len(starts), desc="captions", unit="batch", disable=not progress):
         chunk = captions[start : start + batch]
+        cond = encode([c + suffix for c in chunk])
         result = text_to_multiview(
-            model, encode([c + suffix for c in chunk]), uncond, elevation=elevation, num_inference_steps=steps,
+            model, cond, uncond, elevation=elevation, num_inference_steps=steps,
             guidance_scale=guidance, seed=seed + start, progress=False, anchor=anchor, eta=eta,
         )
         c2w, fovy = torch.from_numpy(result["c2w"]), torch.from_numpy(result["fovy"])
-        for caption, generated in zip(chunk, result["images"]):
+        for index, (caption, generated) in enumerate(zip(chunk, result["images"])):
             asset = parse_caption(caption)
             truth = render_views(asset, c2w, fovy, size=generated.shape[1])
-            reliance = camera_reliance(model, encode([caption + suffix]), truth["rgb"].permute(0, 3, 1, 2), c2w, seed)
+            reliance = camera_reliance(model, cond[index : index + 1], truth["rgb"].permute(0, 3, 1, 2), c2w, seed)
             true_rgb = (truth["rgb"].numpy() * 255.0 + 0.5).astype(np.uint8)
             true_masks = truth["alpha"].numpy() > 0.5
             white_masks = foreground(generated)
