@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repository, when not pip-installed
 
 import threestudio_mv  # noqa: E402
-from launch import TrialConfig, load_yaml_with_extends, quiet_libraries  # noqa: E402
+from threestudio_mv.launch import TrialConfig, load_yaml_with_extends, quiet_libraries  # noqa: E402
 from threestudio_mv.utils.config import parse_structured  # noqa: E402
 from threestudio_mv.utils.errors import exit_on_user_error  # noqa: E402
 
@@ -53,26 +53,32 @@ class StepTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def time_steps(overrides: List[str], steps: int, warmup: int, gpu: bool) -> Dict[str, float]:
-    """Fit ``steps`` steps of the default config with ``overrides`` (dotlist); time all but ``warmup``."""
-    raw = OmegaConf.merge(load_yaml_with_extends(CONFIG), OmegaConf.from_dotlist(overrides))
+def time_steps(overrides: List[str], steps: int, warmup: int, gpu: bool, config: Path = CONFIG) -> Dict[str, float]:
+    """Fit ``steps`` steps of ``config`` (default: the default config) with ``overrides`` (dotlist) in the
+    config's ``trainer.precision``; time all but ``warmup``. On CUDA also the peak memory allocated."""
+    raw = OmegaConf.merge(load_yaml_with_extends(config), OmegaConf.from_dotlist(overrides))
     cfg = parse_structured(TrialConfig, raw)
     pl.seed_everything(cfg.seed, verbose=False)
     with tempfile.TemporaryDirectory() as trial_dir:
         system = threestudio_mv.find(cfg.system_type)(cfg.system, trial_dir=trial_dir)
         datamodule = threestudio_mv.find(cfg.data_type)(cfg.data)
         timer = StepTimer()
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
         trainer = pl.Trainer(
             max_steps=steps, accelerator="gpu" if gpu else "cpu", devices=1, logger=False, callbacks=[timer],
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            limit_val_batches=0, num_sanity_val_steps=0,
+            limit_val_batches=0, num_sanity_val_steps=0, precision=cfg.trainer.precision,
         )
         trainer.fit(system, datamodule=datamodule)
     timed = timer.seconds[warmup:]
-    return {
+    result = {
         "seconds_per_step": statistics.median(timed), "mean": statistics.fmean(timed), "min": min(timed),
         "max": max(timed), "steps_timed": len(timed),
     }
+    if gpu:
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
 
 
 def add_timing_arguments(parser: argparse.ArgumentParser, steps: int, warmup: int, steps_help: str = "") -> None:

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repository, when not pip-installed
 
 import threestudio_mv  # noqa: E402
-from launch import load_yaml_with_extends, quiet_libraries  # noqa: E402
+from threestudio_mv.launch import load_yaml_with_extends, quiet_libraries  # noqa: E402
 from threestudio_mv.data.procedural import parse_caption, render_views, vocabulary  # noqa: E402
 from threestudio_mv.data.procedural.render import orbit_cameras  # noqa: E402
 from threestudio_mv.eval.t2mv_eval import foreground, iou, spread_captions  # noqa: E402

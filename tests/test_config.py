@@ -86,7 +86,7 @@ def test_schedule_values_bound_the_schedule_over_all_steps():
 @pytest.mark.parametrize("name", ["mvdream", "mvdream-sds", "mvdream-shading", "mvdream-sd21"])
 def test_text_to_3d_configs_build(name, tmp_path):
     """Each shipped text-to-3D config (with its `extends`) parses strictly and builds its modules."""
-    from launch import TrialConfig, load_yaml_with_extends
+    from threestudio_mv.launch import TrialConfig, load_yaml_with_extends
 
     raw = load_yaml_with_extends(REPO / "configs" / f"{name}.yaml")
     raw.system.prompt_processor.prompt = "a red cube"
@@ -97,7 +97,7 @@ def test_text_to_3d_configs_build(name, tmp_path):
 
 
 def test_default_camera_light_is_the_light_of_the_bundled_models_training_renders():
-    from launch import load_yaml_with_extends
+    from threestudio_mv.launch import load_yaml_with_extends
     from threestudio_mv.data.procedural import Light
 
     configured, rendered = load_yaml_with_extends(REPO / "configs" / "mvdream.yaml").data.camera_light, Light()

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import numpy as np
@@ -95,7 +96,57 @@ def test_hash_grid_is_continuous_and_uses_pytorch_on_cpu():
     x = torch.rand(100, 3) * 0.9 + 0.05
     step = grid(x + 1e-5) - grid(x)
     assert step.abs().max() < 1e-2  # multilinear interpolation: no jumps
-    assert isinstance(grid, HashGrid) and not (grid.use_tcnn and x.is_cuda)
+    assert isinstance(grid, HashGrid)
+
+
+class FakeTinyCudaNN:
+    """Stands in for the tinycudann module: records how its Encoding is built; half-precision output
+    (tinycudann's default)."""
+
+    def __init__(self) -> None:
+        self.built: list = []
+        outer = self
+
+        class Encoding(torch.nn.Module):
+            def __init__(self, n_input_dims, encoding_config, seed=1337, dtype=None):
+                super().__init__()
+                outer.built.append({"n_input_dims": n_input_dims, "encoding_config": encoding_config, "dtype": dtype})
+                levels = encoding_config["n_levels"] * encoding_config["n_features_per_level"]
+                self.n_output_dims = levels
+                self.params = torch.nn.Parameter(torch.zeros(outer.n_params))
+                self.dtype = dtype or torch.float16
+
+            def forward(self, x):
+                return torch.ones(x.shape[0], self.n_output_dims, dtype=self.dtype)
+
+        self.Encoding = Encoding
+
+
+@pytest.fixture
+def fake_tcnn(monkeypatch):
+    from threestudio_mv.models.encodings import hash_grid
+
+    fake = FakeTinyCudaNN()
+    monkeypatch.setattr(hash_grid, "_TCNN_STATE", {"module": fake, "checked": True})
+    return fake
+
+
+def test_hash_grid_uses_pytorch_for_cpu_inputs_even_with_tinycudann(fake_tcnn):
+    grid = get_encoding(3, SMALL_HASH)
+    assert grid.use_tcnn
+    x = torch.rand(50, 3)
+    torch.testing.assert_close(grid(x), grid._forward_torch(x))
+    assert fake_tcnn.built == []  # tinycudann is never built for CPU tensors
+
+
+def test_hash_grid_asks_tinycudann_for_float32(fake_tcnn, monkeypatch):
+    grid = get_encoding(3, SMALL_HASH)
+    fake_tcnn.n_params = grid.params.numel()
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # no GPU here
+    encoded = grid._forward_tcnn(torch.rand(10, 3))
+    assert fake_tcnn.built == [grid.tcnn_kwargs()] and grid.tcnn_kwargs()["dtype"] == torch.float32
+    assert encoded.dtype == torch.float32 and encoded.shape == (10, grid.n_output_dims)
+    assert grid._tcnn_encoding.params is grid.params  # one set of parameters for both back ends
 
 
 def test_hash_grid_supports_double_backward_for_analytic_normals():

@@ -9,7 +9,7 @@ import trimesh
 
 import threestudio_mv
 from threestudio_mv.models.exporters.mesh_exporter import WORLD_TO_GLTF, MeshExporter, export_textured_mesh
-from threestudio_mv.models.exporters.rasterize import rasterize_triangles_2d
+from threestudio_mv.utils.rasterize import rasterize_triangles_2d
 from threestudio_mv.utils.errors import UserError
 
 

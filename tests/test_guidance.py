@@ -4,13 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from threestudio_mv.models.guidance.cfg import predict_noise_with_cfg
 from threestudio_mv.models.guidance.multiview_diffusion_guidance import (
     MultiviewDiffusionGuidance,
     anchor_background,
     rescale_x0_per_group,
     sds_weight,
 )
+from threestudio_mv.models.mvdiffusion.cfg import predict_noise_with_cfg
 from threestudio_mv.models.mvdiffusion.model import ModelMetadata, MultiViewDiffusionModel
 from threestudio_mv.models.mvdiffusion.unet import unet_config
 from threestudio_mv.utils.camera import c2w_from_spherical, mvdream_camera_condition, view_azimuths

@@ -7,8 +7,8 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from threestudio_mv.models.guidance.cfg import predict_noise_with_cfg
 from threestudio_mv.models.mvdiffusion.attention import per_view_processors
+from threestudio_mv.models.mvdiffusion.cfg import predict_noise_with_cfg
 from threestudio_mv.models.mvdiffusion.model import ModelMetadata, MultiViewDiffusionModel
 from threestudio_mv.models.mvdiffusion.unet import build_unet, unet_config
 from threestudio_mv.utils.camera import c2w_from_spherical, mvdream_camera_condition
@@ -107,6 +107,21 @@ def test_latent_model_with_tiny_vae(tmp_path: Path) -> None:
     assert loaded.vae is not None and loaded.metadata.latent
     with torch.no_grad():
         assert torch.allclose(loaded.decode_samples(latents), model.decode_samples(latents), atol=1e-6)
+
+
+def test_latent_scale_is_the_vaes_scaling_factor() -> None:
+    vae = AutoencoderKL(
+        block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=8, scaling_factor=0.5,
+    )
+    model = MultiViewDiffusionModel.create(tiny_config(in_channels=4), TEXT, ModelMetadata(image_size=8, latent=True), vae=vae)
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        torch.manual_seed(1)
+        latents = model.encode_images(images)
+        torch.manual_seed(1)
+        torch.testing.assert_close(latents, vae.encode(images).latent_dist.sample() * 0.5)
+        torch.testing.assert_close(model.decode_samples(latents), vae.decode(latents / 0.5).sample)
 
 
 def test_missing_or_broken_model_folder_is_a_user_error(tmp_path: Path) -> None:

@@ -139,7 +139,8 @@ def test_stage_3d_command_uses_the_personalised_model(tmp_path: Path) -> None:
         trial_dir=str(tmp_path / "trial"),
     )
     command = system.stage_3d_command()
-    assert command[1] == str(REPO / "launch.py") and str(REPO / "configs" / "mvdream.yaml") in command
+    assert command[1:3] == ["-m", "threestudio_mv.launch"]
+    assert str(REPO / "threestudio_mv" / "configs" / "mvdream.yaml") in command
     assert f"system.guidance.pretrained_model_name_or_path={tmp_path / 'trial' / 'model'}" in command
     assert "system.prompt_processor.prompt=a zxq toy" in command
     assert f"exp_root_dir={tmp_path / 'trial'}" in command and "name=3d" in command and "tag=a_zxq_toy" in command
@@ -174,8 +175,8 @@ def test_launch_chains_fine_tune_and_3d_stage(tmp_path: Path) -> None:
     stage_3d = trial / "3d" / "a_sks_ball"
     assert f"3D stage trial folder: {stage_3d}" in completed.stdout
     assert (trial / "model" / "model_index.json").is_file()
-    assert (stage_3d / "save" / "it4-export" / "model.obj").is_file()
-    parsed = OmegaConf.load(stage_3d / "configs" / "parsed.yaml")
+    assert (stage_3d / "texture" / "save" / "it4-export" / "model.obj").is_file()  # the staged default's last stage
+    parsed = OmegaConf.load(stage_3d / "texture" / "configs" / "parsed.yaml")
     assert parsed.system.guidance.pretrained_model_name_or_path == str(trial / "model")
     assert parsed.system.prompt_processor.prompt == "a sks ball"
 

@@ -6,15 +6,16 @@ import torch
 
 import threestudio_mv
 from threestudio_mv.models.mvdiffusion.model import ModelMetadata, MultiViewDiffusionModel
-from threestudio_mv.models.mvdiffusion.unet import unet_config
-from threestudio_mv.models.prompt_processors.cache import CachedTextEncoder, default_cache_dir
-from threestudio_mv.models.prompt_processors.text_encoders import (
+from threestudio_mv.models.mvdiffusion.sd21 import write_clip_text_encoder
+from threestudio_mv.models.mvdiffusion.text_encoders import (
     CLIPTextEncoder,
     LearnedTextEncoder,
     MiniLMTextEncoder,
     TextEncoder,
     build_text_encoder,
 )
+from threestudio_mv.models.mvdiffusion.unet import unet_config
+from threestudio_mv.models.prompt_processors.cache import CachedTextEncoder, default_cache_dir
 from threestudio_mv.utils.errors import UserError
 
 TEXT = {"type": "learned", "words": ["a", "red", "cube"], "dim": 16, "max_length": 4}
@@ -77,6 +78,32 @@ def test_minilm_encoder_offline_per_token_features() -> None:
 def test_clip_encoder_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no config.json"):
         CLIPTextEncoder(str(tmp_path / "no-clip"))
+
+
+def test_clip_encoder_returns_last_hidden_state(tmp_path: Path) -> None:
+    """SD-2.x's diffusers text encoder already ends at OpenCLIP's penultimate layer: its last hidden state
+    (final layer norm included) is MVDream's condition, not the layer before it."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = write_clip_text_encoder(tmp_path / "clip", hidden_size=32, layers=3, heads=2)
+    encoder = build_text_encoder({"type": "clip", "path": str(folder)})
+    features = encoder.encode(["a red cube", ""])
+    assert features.shape == (2, 77, 32) and encoder.dim == 32
+    tokens = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))(
+        ["a red cube", ""], padding="max_length", max_length=77, return_tensors="pt"
+    )
+    model = CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval()
+    with torch.no_grad():
+        output = model(tokens.input_ids, output_hidden_states=True)
+    torch.testing.assert_close(features, output.last_hidden_state)
+    torch.testing.assert_close(features, model.final_layer_norm(output.hidden_states[-1]))
+    assert not torch.allclose(features, model.final_layer_norm(output.hidden_states[-2]), atol=1e-3)
+
+
+def test_spec_of_another_version_is_a_user_error(tmp_path: Path) -> None:
+    folder = write_clip_text_encoder(tmp_path / "clip", hidden_size=32, layers=1, heads=2)
+    with pytest.raises(UserError, match="re-convert the model folder"):
+        build_text_encoder({"type": "clip", "path": str(folder), "layer": "penultimate"})
 
 
 def test_unknown_encoder_type() -> None:

@@ -194,6 +194,26 @@ def test_occupancy_grid_warm_up_keeps_every_cell():
     assert "occupancy_mask" in state and not any(key.startswith("geometry") for key in state)
 
 
+def test_nerfacc_estimator_holds_the_grid_occupancy_as_well_as_its_mask():
+    """nerfacc prunes by density with min(alpha_thre, mean(occs)): ``occs`` left at zero turns it off."""
+    renderer, _ = make_renderer(CRISP_SPHERE, zero_density_mlp=True, occupancy_warmup_steps=0, prune_alpha_threshold=0.01)
+    renderer.update_step(0, 0)
+    estimator = renderer.occupancy_estimator()
+    occs, binaries = estimator.occs, estimator.binaries.reshape(-1)
+    assert torch.equal(occs, renderer.occupancy_density.reshape(-1)) and occs.mean() > 0.01
+    assert min(renderer.cfg.prune_alpha_threshold, occs.mean().item()) == 0.01  # nerfacc's effective threshold
+    threshold = min(renderer.cfg.occupancy_threshold, occs.mean().item())
+    assert torch.equal(binaries, occs > threshold) and 0 < binaries.sum() < binaries.numel()
+    # the same cell order as nerfacc's: its occupied cells are those around the sphere of radius 0.5
+    res = renderer.cfg.occupancy_grid_resolution
+    centres = (estimator.grid_coords + 0.5) / res * 2.0 - 1.0
+    assert centres[binaries].norm(dim=-1).max() < 0.5 + 3**0.5 * 2.0 / res
+    assert centres[~binaries].norm(dim=-1).min() > 0.5 - 3**0.5 * 2.0 / res
+    renderer.cfg.grid_prune = False
+    estimator = renderer.occupancy_estimator()
+    assert estimator.binaries.all() and torch.equal(estimator.occs, torch.ones(res**3))
+
+
 def test_gradients_reach_the_encoding():
     renderer, geometry = make_renderer()
     rays_o, rays_d, lights = make_cameras(size=8)
@@ -256,3 +276,22 @@ def test_fit_to_a_solid_colour_sphere_lowers_the_loss():
         losses.append(loss.item())
     print(f"fit MSE {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[-1] < losses[0] / 5, losses
+
+
+def test_trunc_exp_is_float32_under_autocast_with_the_same_gradient():
+    """The density activation of the volume renderer's geometry stays float32 under 16-mixed."""
+    from threestudio_mv.models.geometry.implicit_volume import trunc_exp
+
+    x = torch.tensor([-3.0, 0.5, 11.5, 14.0, 20.0])
+    reference_input = x.clone().requires_grad_(True)
+    trunc_exp(reference_input).sum().backward()
+    mixed_input = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(mixed_input[:, None], torch.ones(1, 1))[:, 0]  # bf16 under autocast
+        assert logits.dtype == torch.bfloat16
+        output = trunc_exp(logits)
+    assert output.dtype == torch.float32
+    torch.testing.assert_close(output, torch.exp(logits.float()))
+    output.sum().backward()
+    torch.testing.assert_close(mixed_input.grad, reference_input.grad, rtol=1e-2, atol=0.0)
+    assert reference_input.grad[-1] == torch.exp(torch.tensor(15.0))  # clamped at 15

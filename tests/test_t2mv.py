@@ -152,3 +152,34 @@ def test_bundled_model_knows_which_side_of_an_object_it_sees() -> None:
     duck, car, sphere = reliance("duck"), reliance("car"), reliance("sphere")
     assert duck > 0.05 and car > 0.02, (duck, car)
     assert abs(sphere) < 0.5 * min(duck, car), (sphere, duck, car)
+
+
+def test_pipeline_has_the_community_ports_interface_and_uses_the_one_sampler() -> None:
+    from threestudio_mv.models.mvdiffusion.pipeline import MVDreamPipeline
+    from threestudio_mv.t2mv import text_to_multiview
+
+    pipe = MVDreamPipeline.from_pretrained(torch_dtype=torch.float32)  # the bundled model
+    assert pipe.to("cpu") is pipe
+    images = pipe("a red cube", num_frames=4, elevation=15, guidance_scale=5.0, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(3), progress=False)
+    assert len(images) == 4 and all(image.shape == (32, 32, 3) for image in images)
+    assert all(image.dtype == np.float32 and 0.0 <= image.min() and image.max() <= 1.0 for image in images)
+    suffix = pipe.model.metadata.prompt_suffix
+    cond, uncond = pipe.text_encoder.encode(["a red cube" + suffix, ""]).split(1)
+    expected = text_to_multiview(pipe.model, cond, uncond, elevation=15, num_inference_steps=2, guidance_scale=5.0,
+                                 seed=3, progress=False)["images"][0]
+    assert np.abs((np.stack(images) * 255.0 + 0.5).astype(np.uint8).astype(int) - expected).max() <= 1
+    pil = pipe("a red cube", num_frames=2, num_inference_steps=2, output_type="pil", progress=False)
+    assert len(pil) == 2 and pil[0].size == (32, 32) and pil[0].mode == "RGB"
+
+
+def test_pipeline_from_a_float16_folder_and_wrong_size_is_a_user_error(model_dir: Path) -> None:
+    from threestudio_mv.models.mvdiffusion.pipeline import MVDreamPipeline
+    from threestudio_mv.utils.errors import UserError
+
+    pipe = MVDreamPipeline.from_pretrained(model_dir, torch_dtype=torch.bfloat16)
+    assert pipe.model.unet.dtype == torch.bfloat16
+    images = pipe("a red cube", num_frames=4, num_inference_steps=2, progress=False)
+    assert len(images) == 4 and images[0].shape == (8, 8, 3) and np.isfinite(np.stack(images)).all()
+    with pytest.raises(UserError, match="8x8 views"):
+        pipe("a red cube", height=256, width=256)

@@ -6,7 +6,7 @@ gets one colour. :func:`render_mesh` draws it with the procedural renderer's sha
 ambient, light fixed to the camera, 2x2 supersampling), so rendered subject images look like the
 images the multi-view model was trained on.
 
-The rasteriser is the project's pure-PyTorch 2D one (:mod:`threestudio_mv.models.exporters.rasterize`)
+The rasteriser is the project's pure-PyTorch 2D one (:mod:`threestudio_mv.utils.rasterize`)
 plus a depth test: the GPU rasterisers (nvdiffrast, OpenGL) are not available on CPU.
 """
 from pathlib import Path
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from threestudio_mv.data.procedural.render import Light, resolve_supersamples
-from threestudio_mv.models.exporters.rasterize import rasterize_triangles_2d
+from threestudio_mv.utils.rasterize import rasterize_triangles_2d
 from threestudio_mv.utils import camera
 from threestudio_mv.utils.errors import UserError
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -31,10 +30,11 @@ import torch
 
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
 from threestudio_mv.utils.io import image_grid, save_image, save_json, to_uint8
+from threestudio_mv.utils.trial import launch_command, slug
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DREAMBOOTH_CONFIG = REPO_ROOT / "configs" / "mvdreambooth.yaml"
-TEXT_TO_3D_CONFIG = REPO_ROOT / "configs" / "mvdream.yaml"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DREAMBOOTH_CONFIG = CONFIG_DIR / "mvdreambooth.yaml"
+TEXT_TO_3D_CONFIG = CONFIG_DIR / "mvdream.yaml"
 SUBJECT_VIEWS = 8
 #: The built-in subject: known parts (a sphere, a cone) in an arrangement the vocabulary lacks.
 PROCEDURAL_DESCRIPTION = "a pink sphere on top of an orange cone"
@@ -81,13 +81,13 @@ def write_posed_views(asset, folder: Path, size: int, seed: int = 0) -> Path:
 
 
 def run_launch(arguments: List[str], log: Path) -> Dict[str, Any]:
-    """Run launch.py with its output in ``log``; returns wall ``seconds`` and, on failure, ``error``
+    """Run the CLI with its output in ``log``; returns wall ``seconds`` and, on failure, ``error``
     (the last line it printed, e.g. a 3D result with no surface to export)."""
-    command = [sys.executable, str(REPO_ROOT / "launch.py"), *arguments]
+    command = launch_command(*arguments)
     start = time.time()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
-        result = subprocess.run(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, text=True)
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, text=True)
     run: Dict[str, Any] = {"seconds": time.time() - start}
     if result.returncode != 0:
         lines = [line for line in log.read_text().replace("\r", "\n").splitlines() if line.startswith("error:")]
@@ -97,7 +97,7 @@ def run_launch(arguments: List[str], log: Path) -> Dict[str, Any]:
 
 def finished(trial: Path) -> bool:
     """Whether a text-to-3D trial has an export."""
-    return any((trial / "save").glob("it*-export/model.obj"))
+    return any(trial.glob("**/save/it*-export/model.obj"))
 
 
 def mesh_scores(trial: Path, gt_mesh, gt_sdf: Optional[Callable], gt_albedo: Optional[Callable]) -> Dict[str, Any]:
@@ -181,7 +181,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     from threestudio_mv.data.procedural import asset_mesh, render_views, vocabulary
     from threestudio_mv.eval.t2mv_eval import spread_captions
     from threestudio_mv.models.mvdiffusion.model import DEFAULT_MODEL_PATH, check_model_folder
-    from threestudio_mv.systems.mvdreambooth import trial_slug
 
     args = parse_args(argv)
     base_model = Path(args.model).expanduser().resolve() if args.model else DEFAULT_MODEL_PATH
@@ -195,7 +194,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         mesh_path = Path(args.mesh).expanduser().resolve()
         if not mesh_path.is_file():
             raise UserError(f"--mesh '{args.mesh}' not found")
-        name, class_word = trial_slug(mesh_path.stem), args.class_word or "toy"
+        name, class_word = slug(mesh_path.stem), args.class_word or "toy"
         gt_mesh = load_subject_mesh(mesh_path, args.mesh_up_axis, parse_colour(args.mesh_color))
         gt_sdf = gt_albedo = None
         image_dir = str(mesh_path)
@@ -213,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     stage_3d = list(args.stage_3d)
 
     tuned_trial = root / "personalised" / "subject"
-    tuned_3d = tuned_trial / "3d" / trial_slug(prompt)
+    tuned_3d = tuned_trial / "3d" / slug(prompt)
     runs: Dict[str, Any] = {}
     if not (args.reuse and finished(tuned_3d)):
         runs["personalised (fine-tune + 3D)"] = run_launch(
@@ -226,12 +225,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         )
     if not (tuned_trial / "model" / "model_index.json").is_file():
         raise RuntimeError(f"the fine-tune produced no model; see {root / 'personalised.log'}")
-    baseline_trial = root / "baseline" / trial_slug(prompt)
+    baseline_trial = root / "baseline" / slug(prompt)
     if not (args.reuse and finished(baseline_trial)):
         runs["baseline (3D)"] = run_launch(
             ["--config", str(TEXT_TO_3D_CONFIG), "--train", "--export", "--test",
              f"system.guidance.pretrained_model_name_or_path={base_model}", f"system.prompt_processor.prompt={prompt}",
-             f"exp_root_dir={root}", "name=baseline", f"tag={trial_slug(prompt)}", "use_timestamp=false",
+             f"exp_root_dir={root}", "name=baseline", f"tag={slug(prompt)}", "use_timestamp=false",
              *stage_3d],
             root / "baseline.log",
         )

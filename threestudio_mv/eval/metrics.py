@@ -7,7 +7,7 @@ callables (an SDF, an albedo function) take a torch tensor of points (N, 3) and 
 """
 import math
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from scipy.spatial import cKDTree
 from skimage.color import deltaE_cie76, rgb2lab
 
 from threestudio_mv.models.exporters.mesh_exporter import WORLD_TO_GLTF
-from threestudio_mv.models.exporters.rasterize import rasterize_triangles_2d
+from threestudio_mv.utils.rasterize import rasterize_triangles_2d
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[float]]
 PointFn = Callable[[torch.Tensor], torch.Tensor]
@@ -396,3 +396,20 @@ def mesh_from_export(export_dir: Union[str, Path]) -> trimesh.Trimesh:
         mesh.vertices = np.asarray(mesh.vertices) @ WORLD_TO_GLTF
         return mesh
     raise FileNotFoundError(f"{export_dir} holds neither model.obj nor model.glb")
+
+
+def mesh_quality(mesh: trimesh.Trimesh) -> Dict[str, Any]:
+    """Topology and smoothness of a mesh, its vertices welded first (UV seams split an export's):
+    ``largest_piece_area`` (fraction of the area in the largest connected piece), ``pieces``,
+    ``watertight`` and ``mean_normal_angle_deg`` (mean angle between the normals of adjacent faces)."""
+    welded = trimesh.Trimesh(vertices=np.asarray(mesh.vertices), faces=np.asarray(mesh.faces), process=False)
+    welded.merge_vertices(merge_tex=True, merge_norm=True)
+    labels = trimesh.graph.connected_component_labels(welded.face_adjacency, node_count=len(welded.faces))
+    areas = np.bincount(labels, weights=welded.area_faces)
+    angles = welded.face_adjacency_angles
+    return {
+        "largest_piece_area": float(areas.max() / areas.sum()) if areas.sum() > 0 else 0.0,
+        "pieces": int(len(areas)),
+        "watertight": bool(welded.is_watertight),
+        "mean_normal_angle_deg": float(np.degrees(angles).mean()) if len(angles) else 0.0,
+    }

@@ -1,12 +1,14 @@
 """Evaluate text-to-3D against the procedural ground truth.
 
-    python -m threestudio_mv.eval.text_to_3d --configs configs/mvdream.yaml configs/mvdream-sds.yaml \
+    python -m threestudio_mv.eval.text_to_3d --configs mvdream mvdream-coarse \
         --split heldout --num 10 --out outputs/eval-t23d [--jobs 2] [--reuse] [key=value overrides for every run]
 
-For each caption and config: runs ``launch.py --train --export --test``, loads the exported mesh and
-compares it with the asset's ground-truth mesh: volumetric IoU, Chamfer-L1 (units of the GT
-bounding-box diagonal), mean surface colour error (CIELAB delta-E) and, for assets with a front,
-the front score (below). Prints a JSON summary and writes ``results.json``, ``table.md`` and
+For each caption and config (a path or a bundled config's name; staged configs too): runs the CLI with
+``--train --export --test``, loads the exported mesh and compares it with the asset's ground-truth
+mesh: volumetric IoU, Chamfer-L1 (units of the GT bounding-box diagonal), mean surface colour error
+(CIELAB delta-E) and, for assets with a front, the front score (below); and the mesh itself: the
+share of its area in its largest connected piece, whether it is watertight and the mean angle
+between adjacent face normals (metrics.mesh_quality). Prints a JSON summary and writes ``results.json``, ``table.md`` and
 ``first_frames.png`` (each run's first turntable frame: one row per caption, one column per config).
 ``--jobs N`` runs N trials at once, each with cores / N torch threads (tiny models scale badly
 across threads, so 2 jobs of 1 thread beat 1 job of 2 on 2 cores); ``--reuse`` scores trials that
@@ -21,8 +23,6 @@ are scored; a result counts as single-faced when its score is > 0.5.
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -31,11 +31,17 @@ import numpy as np
 import trimesh
 from scipy.spatial import cKDTree
 
-from threestudio_mv.eval.metrics import chamfer_l1, mesh_from_export, sample_coloured_surface, surface_colour_error, volumetric_iou
+from threestudio_mv.eval.metrics import (
+    chamfer_l1,
+    mesh_from_export,
+    mesh_quality,
+    sample_coloured_surface,
+    surface_colour_error,
+    volumetric_iou,
+)
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
 from threestudio_mv.utils.io import save_json
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from threestudio_mv.utils.trial import run_trial
 COLOUR_WEIGHT = 0.25
 FRONT_ASYMMETRY_MIN = 0.03
 HALF_TURN = trimesh.transformations.rotation_matrix(np.pi, [0, 0, 1])
@@ -87,13 +93,14 @@ def mesh_metrics(pred: trimesh.Trimesh, caption: str) -> Dict[str, Any]:
 
     asset = parse_caption(caption)
     gt = asset_mesh(asset)
-    return {**shape_and_colour_scores(pred, gt, asset.sdf, asset.albedo), "front": front_score(pred, gt)}
+    return {**shape_and_colour_scores(pred, gt, asset.sdf, asset.albedo), "front": front_score(pred, gt), **mesh_quality(pred)}
 
 
 def latest_export(trial: Path) -> Path:
-    exports = sorted((trial / "save").glob("it*-export"), key=lambda p: int(p.name[2:].split("-")[0]))
+    """The newest export of a trial (of its last stage, for a staged trial)."""
+    exports = sorted(trial.glob("**/save/it*-export"), key=lambda p: (p / "model.obj").stat().st_mtime if (p / "model.obj").exists() else 0)
     if not exports:
-        raise RuntimeError(f"no export in {trial}/save")
+        raise RuntimeError(f"no export in {trial}")
     return exports[-1]
 
 
@@ -104,23 +111,23 @@ def trial_path(config: Path, caption: str, out: Path) -> Path:
 def run_one(config: Path, caption: str, out: Path, overrides: List[str], threads: int, reuse: bool) -> Dict[str, Any]:
     trial = trial_path(config, caption, out)
     name, tag = trial.parent.name, trial.name
-    if reuse and list((trial / "save").glob("it*-export/model.obj")):
+    if reuse and list(trial.glob("**/save/it*-export/model.obj")):
         seconds = json.loads((trial / "eval_seconds.json").read_text())["seconds"] if (trial / "eval_seconds.json").is_file() else None
         metrics = mesh_metrics(mesh_from_export(latest_export(trial)), caption)
         return {"caption": caption, "config": config.stem, "seconds": seconds, "trial": str(trial), **metrics}
-    command = [
-        sys.executable, str(REPO_ROOT / "launch.py"), "--config", str(config), "--train", "--export", "--test",
+    arguments = [
+        "--config", str(config), "--train", "--export", "--test",
         f"system.prompt_processor.prompt={caption}", f"name={name}", f"tag={tag}", "use_timestamp=false",
         f"exp_root_dir={out}", "trainer.enable_progress_bar=false", *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.time()
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
+    run = run_trial(arguments, env=env)
     seconds = time.time() - start
-    if result.returncode != 0:
-        return {"caption": caption, "config": config.stem, "error": result.stderr.strip().splitlines()[-1:], "seconds": seconds}
+    if run.returncode != 0 or run.export_dir is None:
+        return {"caption": caption, "config": config.stem, "error": run.stderr.strip().splitlines()[-1:], "seconds": seconds}
     save_json(trial / "eval_seconds.json", {"seconds": seconds, "threads": threads})
-    metrics = mesh_metrics(mesh_from_export(latest_export(trial)), caption)
+    metrics = mesh_metrics(mesh_from_export(run.export_dir), caption)
     return {"caption": caption, "config": config.stem, "seconds": seconds, "trial": str(trial), **metrics}
 
 
@@ -147,13 +154,16 @@ def summarise(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
             "mean_delta_e": float(np.mean([r["delta_e"] for r in done])) if done else None,
             "single_front": f"{sum(f > 0.5 for f in fronts)}/{len(fronts)}",
             "mean_seconds": float(np.mean(seconds)) if (seconds := [r["seconds"] for r in done if r["seconds"]]) else None,
+            "min_largest_piece_area": float(min(r["largest_piece_area"] for r in done)) if done else None,
+            "watertight": f"{sum(r['watertight'] for r in done)}/{len(done)}",
+            "mean_normal_angle_deg": float(np.mean([r["mean_normal_angle_deg"] for r in done])) if done else None,
         }
     return summary
 
 
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
     configs = sorted({row["config"] for row in rows})
-    header = "| caption | " + " | ".join(f"{c}: IoU / CD / dE / front" for c in configs) + " |"
+    header = "| caption | " + " | ".join(f"{c}: IoU / CD / dE / front / piece / angle" for c in configs) + " |"
     lines = [header, "|---|" + "---|" * len(configs)]
     for caption in dict.fromkeys(row["caption"] for row in rows):
         cells = []
@@ -163,7 +173,8 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
                 cells.append("failed")
                 continue
             front = "-" if row["front"] is None else f"{row['front']:.2f}"
-            cells.append(f"{row['iou']:.2f} / {row['chamfer_l1']:.3f} / {row['delta_e']:.1f} / {front}")
+            cells.append(f"{row['iou']:.2f} / {row['chamfer_l1']:.3f} / {row['delta_e']:.1f} / {front} / "
+                         f"{row['largest_piece_area']:.3f} / {row['mean_normal_angle_deg']:.1f}")
         lines.append(f"| {caption} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -178,7 +189,7 @@ def first_frames_sheet(rows: List[Dict[str, Any]], path: Path) -> Optional[Path]
         line = []
         for config in configs:
             row = next(r for r in rows if r["caption"] == caption and r["config"] == config)
-            frames = sorted((Path(row["trial"]) / "save").glob("it*-test-000.png")) if "trial" in row else []
+            frames = sorted(Path(row["trial"]).glob("**/save/it*-test-000.png"), key=lambda p: p.stat().st_mtime) if "trial" in row else []
             line.append(load_image(frames[-1])[..., :3] if frames else None)
             if frames:
                 blank = np.ones_like(line[-1])
@@ -201,10 +212,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
-    configs = [Path(c).resolve() for c in args.configs]
-    for config in configs:
-        if not config.is_file():
-            raise UserError(f"config '{config}' not found")
+    from threestudio_mv.launch import find_config
+
+    configs = [find_config(c).resolve() for c in args.configs]
     captions = args.captions or pick_captions(args.split, args.num)
     out = Path(args.out).resolve()
     from concurrent.futures import ThreadPoolExecutor

@@ -18,8 +18,9 @@ from threestudio_mv.utils.io import ImageLike, image_grid, save_image, save_json
 
 @dataclass
 class OptimizerConfig:
-    """``name`` is a torch.optim class; ``params`` maps a submodule path (e.g. ``geometry.encoding``)
-    to per-group settings such as ``lr``; parameters not listed use ``args``."""
+    """``name`` is a torch.optim class; ``params`` maps a submodule or parameter path (e.g.
+    ``geometry.encoding``, ``geometry.sdf``) to per-group settings such as ``lr``; parameters not
+    listed use ``args``."""
 
     name: str = "AdamW"
     args: Dict[str, Any] = field(default_factory=lambda: {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-15})
@@ -84,7 +85,11 @@ class BaseSystem(pl.LightningModule, Updateable):
                 if not hasattr(module, part):
                     raise UserError(f"config key 'system.optimizer.params.{path}': the system has no module '{path}'")
                 module = getattr(module, part)
-            params = [p for p in module.parameters() if p.requires_grad and id(p) not in claimed]
+            if isinstance(module, torch.Tensor):  # a parameter, or a buffer (e.g. a fixed geometry's): no group
+                candidates = [module] if isinstance(module, torch.nn.Parameter) else []
+            else:
+                candidates = module.parameters()
+            params = [p for p in candidates if p.requires_grad and id(p) not in claimed]
             claimed.update(id(p) for p in params)
             if params:
                 groups.append({"params": params, "name": path, **dict(settings or {})})

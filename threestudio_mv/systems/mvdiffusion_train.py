@@ -23,7 +23,7 @@ from threestudio_mv.models.mvdiffusion.model import ModelMetadata, MultiViewDiff
 from threestudio_mv.models.mvdiffusion.pipeline import sample_multiview
 from threestudio_mv.models.mvdiffusion.unet import build_unet, unet_config
 from threestudio_mv.models.prompt_processors.cache import CachedTextEncoder
-from threestudio_mv.models.prompt_processors.text_encoders import TextEncoder, build_text_encoder
+from threestudio_mv.models.mvdiffusion.text_encoders import TextEncoder, build_text_encoder
 from threestudio_mv.systems.base import BaseSystem, OptimizerConfig
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
 from threestudio_mv.utils.io import save_image

@@ -30,6 +30,9 @@ class MVDreamSystem(VolumeSystem):
         lambda_sparsity: Schedule = schedule(0.0)
         lambda_opaque: Schedule = schedule(0.0)
         lambda_z_variance: Schedule = schedule(0.0)
+        # mesh stages (the renderer returns the mesh): smooth surfaces
+        lambda_normal_consistency: Schedule = schedule(0.0)
+        lambda_laplacian_smoothness: Schedule = schedule(0.0)
 
     def configure(self) -> None:
         super().configure()
@@ -48,12 +51,15 @@ class MVDreamSystem(VolumeSystem):
         prompt = self.prompt_processor()
         guidance_out = self.guidance(out["comp_rgb"], prompt.cond, prompt.uncond, batch["c2w"], int(batch["n_view"]))
         step = self.true_global_step
-        terms = {"sds": (self.cfg.lambda_sds, lambda: guidance_out["loss_sds"])}
-        if not self.geometry_frozen(step):  # these only shape the geometry
-            terms["sparsity"] = (self.cfg.lambda_sparsity, lambda: losses.sparsity(out["opacity"]))
-            terms["opaque"] = (self.cfg.lambda_opaque, lambda: losses.binary_entropy(out["opacity"]))
-            terms["z_variance"] = (self.cfg.lambda_z_variance, lambda: losses.z_variance(out))
-            terms["orient"] = (self.cfg.lambda_orient, lambda: losses.orientation(out))
+        terms = {
+            "sds": (self.cfg.lambda_sds, lambda: guidance_out["loss_sds"]),
+            "sparsity": (self.cfg.lambda_sparsity, lambda: losses.sparsity(out["opacity"])),
+            "opaque": (self.cfg.lambda_opaque, lambda: losses.binary_entropy(out["opacity"])),
+            "z_variance": (self.cfg.lambda_z_variance, lambda: losses.z_variance(out)),
+            "orient": (self.cfg.lambda_orient, lambda: losses.orientation(out)),
+            "normal_consistency": (self.cfg.lambda_normal_consistency, lambda: losses.normal_consistency(out["mesh"])),
+            "laplacian_smoothness": (self.cfg.lambda_laplacian_smoothness, lambda: losses.laplacian_smoothness(out["mesh"])),
+        }
         loss = torch.zeros((), device=out["comp_rgb"].device)
         for name, (weight, compute) in terms.items():
             weight = C(weight, step)

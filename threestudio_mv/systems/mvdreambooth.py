@@ -17,10 +17,7 @@ metrics.json as ``stage_3d_trial``).
     python launch.py --config configs/mvdreambooth.yaml --train data.image_dir=DIR \
         system.identifier=sks system.class_word=mug [system.run_3d_stage=true]
 """
-import re
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -34,9 +31,9 @@ from threestudio_mv.systems.mvdiffusion_train import MVDiffusionTrainSystem
 from threestudio_mv.utils.camera import view_group
 from threestudio_mv.utils.errors import UserError
 from threestudio_mv.utils.io import image_grid
+from threestudio_mv.utils.trial import launch_command, run_trial, slug
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_STAGE_3D_CONFIG = REPO_ROOT / "configs" / "mvdream.yaml"
+DEFAULT_STAGE_3D_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mvdream.yaml"
 PRESERVATION_NORMS = ("l1", "l2")
 
 
@@ -55,11 +52,6 @@ def preservation_loss(parameters: Sequence[Tensor], anchors: Sequence[Tensor], n
         total = total + (difference.abs().sum() if norm == "l1" else difference.square().sum())
         count += parameter.numel()
     return total / max(count, 1)
-
-
-def trial_slug(text: str) -> str:
-    """A folder-name-safe version of a prompt (as launch.py names trials)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.strip()).strip("_")[:80] or "default"
 
 
 @register("mvdreambooth-system")
@@ -184,27 +176,26 @@ class MVDreamBoothSystem(MVDiffusionTrainSystem):
 
     # ----------------------------------------------------------------------------- stage 2
     def stage_3d_command(self) -> List[str]:
-        """launch.py's command line for text-to-3D with the personalised model."""
+        """The CLI's command line for text-to-3D with the personalised model."""
         modes = ["--train", "--export"] + (["--test"] if self.cfg.stage_3d_test else [])
-        return [
-            sys.executable, str(REPO_ROOT / "launch.py"), "--config", str(self.stage_3d_config), *modes,
+        return launch_command(
+            "--config", str(self.stage_3d_config), *modes,
             f"system.guidance.pretrained_model_name_or_path={self.trial_dir / 'model'}",
             f"system.prompt_processor.prompt={self.subject_prompt}",
-            f"exp_root_dir={self.trial_dir}", "name=3d", f"tag={trial_slug(self.subject_prompt)}", "use_timestamp=false",
+            f"exp_root_dir={self.trial_dir}", "name=3d", f"tag={slug(self.subject_prompt)}", "use_timestamp=false",
             *self.cfg.stage_3d_overrides,
-        ]
+        )
 
     def run_3d_stage(self) -> Path:
-        """Run the 3D stage in a launch.py subprocess; returns (and prints) its trial folder."""
+        """Run the 3D stage in a CLI subprocess; returns (and prints) its trial folder."""
         command = self.stage_3d_command()
         print("3D stage:", shlex.join(command), flush=True)
-        # stdout is captured to find the trial folder launch.py prints; progress bars (stderr) show live.
-        result = subprocess.run(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
-        print(result.stdout, end="", flush=True)
-        if result.returncode != 0:
-            raise UserError(f"the 3D stage failed (exit code {result.returncode}, see above); rerun it with: {shlex.join(command)}")
-        found = re.findall(r"^trial folder: (.+)$", result.stdout, flags=re.MULTILINE)
-        trial = Path(found[-1]) if found else self.trial_dir / "3d" / trial_slug(self.subject_prompt)
+        # stdout is captured to find the trial folder the CLI prints; progress bars (stderr) show live.
+        run = run_trial(command[3:], stderr=None)
+        print(run.stdout, end="", flush=True)
+        if run.returncode != 0:
+            raise UserError(f"the 3D stage failed (exit code {run.returncode}, see above); rerun it with: {shlex.join(command)}")
+        trial = run.trial_dir or self.trial_dir / "3d" / slug(self.subject_prompt)
         self.save_metrics({"stage_3d_trial": str(trial), "stage_3d_command": shlex.join(command)})
         print(f"3D stage trial folder: {trial}", flush=True)
         return trial

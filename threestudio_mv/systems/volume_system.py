@@ -6,13 +6,14 @@ test turntables, and exports a textured mesh. Subclasses (reconstruction, mvdrea
 """
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
 import threestudio_mv
 from threestudio_mv.systems.base import BaseSystem
 from threestudio_mv.utils.config import C, Schedule, schedule, schedule_values
+from threestudio_mv.utils.errors import UserError
 from threestudio_mv.utils.io import to_uint8
 
 # Renderer outputs shown in validation grids, in this order, when present.
@@ -34,11 +35,12 @@ class VolumeSystem(BaseSystem):
         renderer: Dict[str, Any] = field(default_factory=dict)
         exporter_type: str = "mesh-exporter"
         exporter: Dict[str, Any] = field(default_factory=dict)
-        # texture phase: from this step on the geometry's shape modules are frozen and only colour trains
-        # (None: never). Losses that only shape the geometry are then skipped by the systems.
-        freeze_geometry_step: Optional[int] = None
+        # stages: the previous stage's checkpoint (its trial's configs/parsed.yaml says what it was); the
+        # geometry is seeded from it (geometry.seed_from), with its colour field when inherit_texture
+        geometry_convert_from: str = ""
+        geometry_convert_inherit_texture: bool = False
         # every parameter group's lr is multiplied by this C() schedule of the step, e.g.
-        # [[0, 1], [500, 1], [650, 0.1]] anneals a final phase so it ends near the mean of its noisy
+        # [[0, 1], [100, 1], [150, 0.1]] anneals a texture stage so it ends near the mean of its noisy
         # targets, not on the last one
         lr_scale: Schedule = schedule(1.0)
 
@@ -55,10 +57,33 @@ class VolumeSystem(BaseSystem):
             background=self.background,
         )
         self._test_frames: List[Any] = []
+        if cfg.geometry_convert_from:
+            self.seed_geometry(Path(cfg.geometry_convert_from))
 
-    def geometry_frozen(self, step: int) -> bool:
-        """Whether ``step`` is in the texture phase (see ``freeze_geometry_step``)."""
-        return self.cfg.freeze_geometry_step is not None and step >= self.cfg.freeze_geometry_step
+    def seed_geometry(self, checkpoint: Path) -> None:
+        """Seed this stage's geometry from the previous stage's checkpoint (DESIGN.md section 5)."""
+        from omegaconf import OmegaConf
+
+        key = "system.geometry_convert_from"
+        if not checkpoint.is_file():
+            raise UserError(f"config key '{key}': checkpoint '{checkpoint}' not found")
+        parsed = checkpoint.resolve().parent.parent / "configs" / "parsed.yaml"
+        if not parsed.is_file():
+            raise UserError(f"config key '{key}': '{parsed}' not found (the checkpoint must sit in a trial's ckpts/)")
+        previous = OmegaConf.to_container(OmegaConf.load(parsed).system, resolve=True)
+        source = threestudio_mv.find(previous["geometry_type"])(previous["geometry"], prefix="previous stage's system.geometry")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+        source.load_state_dict({k[len("geometry."):]: v for k, v in state.items() if k.startswith("geometry.")})
+        source.to(self.geometry.device if hasattr(self.geometry, "device") else "cpu")
+        if hasattr(self.geometry, "seed_from"):
+            self.geometry.seed_from(source, self.cfg.geometry_convert_inherit_texture)
+        elif type(source) is type(self.geometry):
+            self.geometry.load_state_dict(source.state_dict())
+        else:
+            raise UserError(
+                f"config key 'system.geometry_type': '{self.cfg.geometry_type}' cannot be created from the previous "
+                f"stage's '{previous['geometry_type']}'"
+            )
 
     def configure_optimizers(self) -> Any:
         optimizer = super().configure_optimizers()
@@ -69,11 +94,6 @@ class VolumeSystem(BaseSystem):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: C(self.cfg.lr_scale, self.true_global_step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_update_step(self, epoch: int, global_step: int) -> None:
-        trainable = not self.geometry_frozen(global_step)
-        for module in self.geometry.shape_modules():
-            module.requires_grad_(trainable)
-
     def forward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         return self.renderer(**batch)
 
@@ -83,7 +103,7 @@ class VolumeSystem(BaseSystem):
         if "rgb" in batch:
             images.append(batch["rgb"][index])
         for key in _GRID_KEYS:
-            if key in out:
+            if key in out and isinstance(out[key], torch.Tensor):
                 image = out[key][index]
                 images.append(image.expand(*image.shape[:-1], 3) if image.shape[-1] == 1 else image)
         return images

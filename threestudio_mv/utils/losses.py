@@ -1,7 +1,8 @@
 """Regularisers shared by the systems (each lives here once)."""
-from typing import Dict
+from typing import Any, Dict
 
 import torch
+import torch.nn.functional as F
 
 
 def binary_entropy(opacity: torch.Tensor) -> torch.Tensor:
@@ -25,3 +26,24 @@ def orientation(out: Dict[str, torch.Tensor]) -> torch.Tensor:
 def z_variance(out: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Depth variance along opaque rays: thin, surface-like density."""
     return (out["z_variance"] * (out["opacity"] > 0.5)).mean()
+
+
+def normal_consistency(mesh: Any) -> torch.Tensor:
+    """Mean (1 - cos) between the normals of faces sharing an edge (smooth, creaseless surfaces)."""
+    from threestudio_mv.utils.rasterize import face_neighbours
+
+    corners = mesh.vertices[mesh.faces]
+    normals = F.normalize(torch.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=-1), dim=-1)
+    neighbours = face_neighbours(mesh.faces)
+    face, edge = torch.nonzero(neighbours >= 0, as_tuple=True)
+    return (1.0 - (normals[face] * normals[neighbours[face, edge]]).sum(-1)).mean()
+
+
+def laplacian_smoothness(mesh: Any) -> torch.Tensor:
+    """Mean squared uniform-Laplacian of the vertices: each vertex minus the mean of its neighbours."""
+    vertices, faces = mesh.vertices, mesh.faces
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    edges = torch.cat([edges, edges.flip(1)])
+    total = torch.zeros_like(vertices).index_add(0, edges[:, 0], vertices[edges[:, 1]])
+    count = torch.zeros_like(vertices[:, :1]).index_add(0, edges[:, 0], torch.ones_like(vertices[edges[:, 1], :1]))
+    return (vertices - total / count.clamp_min(1)).square().sum(-1).mean()

@@ -138,6 +138,12 @@ class HashGrid(Encoding):
             "per_level_scale": cfg.per_level_scale,
         }
 
+    def tcnn_kwargs(self) -> Dict[str, Any]:
+        """Arguments of ``tinycudann.Encoding``. In float32: tinycudann's default is half precision, whose
+        rounding of the features (and of their gradients, with the learning rate of 0.01 hash grids use)
+        the PyTorch back end does not have."""
+        return {"n_input_dims": self.n_input_dims, "encoding_config": self.tcnn_config(), "dtype": torch.float32}
+
     def forward(self, x: Tensor) -> Tensor:
         """(N, n_input_dims) in [0, 1] -> (N, n_output_dims)."""
         if x.is_cuda and self.use_tcnn:
@@ -178,7 +184,7 @@ class HashGrid(Encoding):
         if encoding is None or encoding.params.device != x.device:
             tcnn = _import_tinycudann()
             with torch.cuda.device(x.device):
-                encoding = tcnn.Encoding(self.n_input_dims, self.tcnn_config())
+                encoding = tcnn.Encoding(**self.tcnn_kwargs())
             if encoding.params.numel() != self.params.numel():
                 logger.warning(
                     "tinycudann hash grid has %d parameters, the PyTorch layout %d: using PyTorch",

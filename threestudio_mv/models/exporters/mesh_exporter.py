@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from threestudio_mv import register
-from threestudio_mv.models.exporters.rasterize import rasterize_triangles_2d
+from threestudio_mv.utils.rasterize import rasterize_triangles_2d
 from threestudio_mv.utils.base import BaseModule
 from threestudio_mv.utils.errors import UserError
 from threestudio_mv.utils.io import atomic_path, save_image, to_uint8

@@ -1,11 +1,11 @@
 """Base class of the implicit geometries: a field in the box [-radius, radius]^3 that can be meshed."""
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from threestudio_mv.models.geometry.isosurface import IsosurfaceMesh, extract_isosurface
+from threestudio_mv.models.geometry.isosurface import IsosurfaceMesh, IsosurfaceVolume, extract_isosurface, isosurface_volume
 from threestudio_mv.utils.base import BaseModule
 
 
@@ -49,25 +49,29 @@ class BaseImplicitGeometry(BaseModule):
         """(N, 3) world points -> (N, 1) scalar field, larger inside the object."""
         raise NotImplementedError
 
-    def shape_modules(self) -> List[nn.Module]:
-        """The submodules that decide the shape (the field); the rest only colour it. A texture phase
-        freezes these."""
-        raise NotImplementedError
+    def _isosurface_arguments(self) -> Dict[str, Any]:
+        cfg, radius = self.cfg, self.cfg.radius
+        bbox_min = torch.full((3,), -radius, device=self.device)
+        return dict(
+            field_fn=self.forward_field,
+            bbox_min=bbox_min,
+            bbox_max=-bbox_min,
+            resolution=cfg.isosurface_resolution,
+            threshold=cfg.isosurface_threshold,
+            chunk_size=cfg.isosurface_chunk_size,
+            threshold_key=f"{self.config_prefix}.isosurface_threshold",
+            fill_cavities=cfg.isosurface_fill_cavities,
+            smooth_sigma=cfg.isosurface_smooth_sigma,
+        )
 
     def isosurface(self) -> IsosurfaceMesh:
         """Mesh the field at ``isosurface_threshold`` (a number or "auto")."""
-        radius = self.cfg.radius
-        bbox_min = torch.full((3,), -radius, device=self.device)
         return extract_isosurface(
-            self.forward_field,
-            bbox_min,
-            -bbox_min,
-            resolution=self.cfg.isosurface_resolution,
-            threshold=self.cfg.isosurface_threshold,
             remove_outliers=self.cfg.isosurface_remove_outliers,
             outlier_fraction=self.cfg.isosurface_outlier_n_faces_threshold,
-            chunk_size=self.cfg.isosurface_chunk_size,
-            threshold_key=f"{self.config_prefix}.isosurface_threshold",
-            fill_cavities=self.cfg.isosurface_fill_cavities,
-            smooth_sigma=self.cfg.isosurface_smooth_sigma,
+            **self._isosurface_arguments(),
         )
+
+    def isosurface_grid(self) -> IsosurfaceVolume:
+        """The cleaned field that :meth:`isosurface` meshes, on its tight grid (seeds a mesh geometry)."""
+        return isosurface_volume(**self._isosurface_arguments())

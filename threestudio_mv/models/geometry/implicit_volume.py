@@ -1,10 +1,10 @@
 """``implicit-volume``: a density + feature field (encoding + two small MLPs) inside [-r, r]^3."""
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 import threestudio_mv
 from threestudio_mv.models.encodings import get_encoding, get_mlp
@@ -18,10 +18,15 @@ BLOB_BIASES = ("blob_magic3d", "blob_dreamfusion")
 
 
 class _TruncExp(torch.autograd.Function):
-    """exp(x) whose backward clamps x at 15 (instant-ngp's trick against exploding density gradients)."""
+    """exp(x) whose backward clamps x at 15 (instant-ngp's trick against exploding density gradients).
+
+    Always in float32, also under autocast (16-mixed): exp of a density logit overflows half precision
+    (above 11) and loses bf16's precision, and the forward's input is cast to float32 as threestudio does.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
+        x = x.float()
         ctx.save_for_backward(x)
         return torch.exp(x)
 
@@ -170,10 +175,6 @@ class ImplicitVolume(BaseImplicitGeometry):
     def forward_field(self, points: Tensor) -> Tensor:
         """The field meshed by ``isosurface()``: the activated density (N, 1)."""
         return self.forward_density(points)
-
-    def shape_modules(self) -> List[nn.Module]:
-        """The encoding (shared by both heads) and the density head; the feature head only colours."""
-        return [self.encoding, self.density_network]
 
     def export(self, points: Tensor, **kwargs: Any) -> Dict[str, Tensor]:
         """Raw features at (surface) points, for texture baking: {"features": (N, n_feature_dims)}."""

@@ -156,27 +156,40 @@ def clean_volume(volume: np.ndarray, level: float, fill_cavities: bool, smooth_s
     return volume
 
 
-def extract_isosurface(
+@dataclass
+class IsosurfaceVolume:
+    """The cleaned field on the fine grid of :func:`isosurface_volume`: ``values`` (R, R, R) in x, y, z
+    order at the vertices of a grid spanning ``bbox_min``..``bbox_max``, meshed at ``level``."""
+
+    values: np.ndarray
+    level: float
+    bbox_min: Tensor
+    bbox_max: Tensor
+
+    @property
+    def spacing(self) -> Tuple[float, float, float]:
+        return tuple(((self.bbox_max - self.bbox_min) / (self.values.shape[0] - 1)).tolist())
+
+
+def isosurface_volume(
     field_fn: FieldFn,
     bbox_min: Tensor,
     bbox_max: Tensor,
     resolution: int,
     threshold: Threshold = "auto",
-    remove_outliers: bool = True,
-    outlier_fraction: float = 0.01,
     coarse_resolution: int = 64,
     chunk_size: int = 65536,
     threshold_key: str = "isosurface_threshold",
     fill_cavities: bool = True,
     smooth_sigma: float = 0.0,
-) -> IsosurfaceMesh:
-    """Mesh the region where ``field_fn`` (points (N, 3) -> (N, 1)) exceeds a level.
+) -> IsosurfaceVolume:
+    """The field, cleaned, on a grid tight around the region where it exceeds its level.
 
     Two passes: a coarse grid over the whole box finds the occupied region, padded by 10% of its size;
     the second pass at ``resolution`` covers only that region. ``threshold`` is a number or "auto"
     (:func:`auto_isosurface_level`, computed on each pass's grid). ``threshold_key`` names the config
     key in error messages. ``fill_cavities`` and ``smooth_sigma`` (in fine-grid voxels) clean the fine
-    grid before meshing (:func:`clean_volume`).
+    grid (:func:`clean_volume`).
     """
     bbox_min, bbox_max = bbox_min.float(), bbox_max.float()
     coarse_resolution = min(coarse_resolution, resolution)
@@ -202,10 +215,35 @@ def extract_isosurface(
     else:
         _check_level(level, fine, threshold_key)
     fine = clean_volume(fine, level, fill_cavities, smooth_sigma)
+    return IsosurfaceVolume(values=fine, level=level, bbox_min=tight_min, bbox_max=tight_max)
+
+
+def extract_isosurface(
+    field_fn: FieldFn,
+    bbox_min: Tensor,
+    bbox_max: Tensor,
+    resolution: int,
+    threshold: Threshold = "auto",
+    remove_outliers: bool = True,
+    outlier_fraction: float = 0.01,
+    coarse_resolution: int = 64,
+    chunk_size: int = 65536,
+    threshold_key: str = "isosurface_threshold",
+    fill_cavities: bool = True,
+    smooth_sigma: float = 0.0,
+) -> IsosurfaceMesh:
+    """Mesh the region where ``field_fn`` (points (N, 3) -> (N, 1)) exceeds a level: marching cubes
+    of :func:`isosurface_volume` (same arguments), then connected components with fewer than
+    ``outlier_fraction`` of the faces removed when ``remove_outliers``."""
+    volume = isosurface_volume(
+        field_fn, bbox_min, bbox_max, resolution, threshold, coarse_resolution, chunk_size, threshold_key,
+        fill_cavities, smooth_sigma,
+    )
     # The field is larger inside: "ascent" winds the faces so that their normals point out.
-    vertices, faces, _, _ = measure.marching_cubes(fine, level=level, spacing=spacing, gradient_direction="ascent")
+    vertices, faces, _, _ = measure.marching_cubes(
+        volume.values, level=volume.level, spacing=volume.spacing, gradient_direction="ascent")
     if remove_outliers and len(faces) > 0:
         vertices, faces = remove_small_components(vertices, faces, outlier_fraction)
-    vertices = torch.from_numpy(np.ascontiguousarray(vertices)).float().to(bbox_min) + tight_min
-    faces = torch.from_numpy(np.ascontiguousarray(faces)).long().to(bbox_min.device)
-    return IsosurfaceMesh(vertices=vertices, faces=faces, level=level)
+    vertices = torch.from_numpy(np.ascontiguousarray(vertices)).float().to(volume.bbox_min) + volume.bbox_min
+    faces = torch.from_numpy(np.ascontiguousarray(faces)).long().to(volume.bbox_min.device)
+    return IsosurfaceMesh(vertices=vertices, faces=faces, level=volume.level)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from threestudio_mv import register
-from threestudio_mv.models.guidance.cfg import anchor_background, eps_from_x0, predict_noise_with_cfg, x0_from_eps
+from threestudio_mv.models.mvdiffusion.cfg import anchor_background, eps_from_x0, predict_noise_with_cfg, x0_from_eps
 from threestudio_mv.utils.base import Updateable
 from threestudio_mv.utils.camera import mvdream_camera_condition
 from threestudio_mv.utils.config import C, Schedule, parse_structured, schedule, schedule_values

@@ -9,7 +9,9 @@ The UNet keys go through diffusers' own LDM->diffusers converter
 tensor shapes, so reduced configurations convert too (GroupNorm groups cannot be read from weights:
 32, as in every LDM UNet). The multi-view attention reuses the UNet's own
 attn1 weights, so nothing else changes. The OpenCLIP text encoder inside the checkpoint is not
-converted: pass a local CLIPTextModel folder (SD-2.1's ``text_encoder``/``tokenizer``) as ``--clip``.
+converted: pass a local CLIPTextModel folder (SD-2.1's ``text_encoder``/``tokenizer``, e.g. a download of
+``stabilityai/stable-diffusion-2-1-base``) as ``--clip``; it is copied into the model folder, which is then
+self-contained. A checkpoint with tensors this conversion has no place for is refused, naming them.
 """
 import argparse
 import re
@@ -25,7 +27,7 @@ from diffusers.loaders.single_file_utils import (
     create_vae_diffusers_config_from_ldm,
 )
 
-from threestudio_mv.models.mvdiffusion.model import LATENT_SCALE, ModelMetadata, MultiViewDiffusionModel, sd_scheduler_config
+from threestudio_mv.models.mvdiffusion.model import ModelMetadata, MultiViewDiffusionModel, sd_scheduler_config
 from threestudio_mv.models.mvdiffusion.unet import CAMERA_DIM, build_unet
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
 
@@ -109,15 +111,27 @@ def convert_unet(
     )
     if len(config["down_block_types"]) != n_levels:
         raise UserError("could not read the UNet's levels from the checkpoint")
-    converted = convert_ldm_unet_checkpoint({UNET_PREFIX + k: v for k, v in unet.items()}, config)
-    expected = set(build_unet(config).state_dict())
-    missing, unexpected = expected - set(converted), set(converted) - expected
-    if missing or unexpected or len(converted) != len(unet):
-        raise UserError(
-            f"UNet conversion incomplete: {len(missing)} missing ({sorted(missing)[:3]}), "
-            f"{len(unexpected)} unexpected ({sorted(unexpected)[:3]}), {len(unet)} source tensors for {len(converted)} converted"
-        )
+    try:
+        converted = convert_ldm_unet_checkpoint({UNET_PREFIX + k: v for k, v in unet.items()}, config)
+    except KeyError as error:
+        raise UserError(f"the checkpoint's UNet lacks '{UNET_PREFIX}{error.args[0]}'; is it an MVDream checkpoint?") from None
+    _refuse_leftovers("UNet", checkpoint, UNET_PREFIX, converted, build_unet(config).state_dict())
     return config, converted
+
+
+def _refuse_leftovers(
+    part: str, checkpoint: Dict[str, torch.Tensor], prefix: str, converted: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]
+) -> None:
+    """One-line UserError naming the first ``prefix`` tensors of ``checkpoint`` that found no place among the
+    ``expected`` parameters (converted tensors are the source tensors or views of them) and the parameters left
+    unfilled."""
+    placed = {converted[key].untyped_storage().data_ptr() for key in expected.keys() & converted.keys()}
+    unexpected = sorted(k for k, v in checkpoint.items() if k.startswith(prefix) and v.untyped_storage().data_ptr() not in placed)
+    missing = sorted(expected.keys() - converted.keys())
+    problems = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                for what, names in (("unexpected tensors", unexpected), ("parameters missing", missing)) if names]
+    if problems:
+        raise UserError(f"the checkpoint's {part} does not match MVDream's architecture: {'; '.join(problems)}")
 
 
 def convert_vae(checkpoint: Dict[str, torch.Tensor], image_size: int = 256) -> Optional[AutoencoderKL]:
@@ -136,10 +150,12 @@ def convert_vae(checkpoint: Dict[str, torch.Tensor], image_size: int = 256) -> O
         "out_ch": int(vae["decoder.conv_out.weight"].shape[0]),
     }
     original_config = {"model": {"params": {"first_stage_config": {"params": {"ddconfig": ddconfig}}}}}
-    config = create_vae_diffusers_config_from_ldm(original_config, {}, scaling_factor=LATENT_SCALE)
+    config = create_vae_diffusers_config_from_ldm(original_config, {})  # SD's scaling factor, 0.18215
     config["sample_size"] = image_size
     model = AutoencoderKL(**config)
-    model.load_state_dict(convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in vae.items()}, config), strict=True)
+    state = convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in vae.items()}, config)
+    _refuse_leftovers("VAE", checkpoint, VAE_PREFIX, state, model.state_dict())
+    model.load_state_dict(state, strict=True)
     return model
 
 
@@ -153,7 +169,7 @@ def convert_checkpoint(
     metadata: Optional[ModelMetadata] = None,
 ) -> MultiViewDiffusionModel:
     """A :class:`MultiViewDiffusionModel` from an MVDream state dict (pixel space when ``vae`` is None)."""
-    factor = 8 if vae is not None else 1
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     config, state = convert_unet(checkpoint, image_size, factor, num_head_channels, num_heads)
     metadata = metadata or ModelMetadata(
         image_size=image_size, latent=vae is not None, prompt_suffix=", 3d asset", default_fovy=40.0,
@@ -188,7 +204,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.clip is None:
         raise UserError("--clip is required: a local folder with SD-2.1's CLIP text encoder (text_encoder/ and tokenizer/)")
-    from threestudio_mv.models.prompt_processors.text_encoders import CLIPTextEncoder
+    from threestudio_mv.models.mvdiffusion.text_encoders import CLIPTextEncoder
 
     spec = CLIPTextEncoder(str(Path(args.clip).expanduser().resolve())).spec()  # checks the folder loads
     checkpoint = load_state_dict(Path(args.ckpt).expanduser())

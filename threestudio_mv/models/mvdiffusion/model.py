@@ -8,6 +8,7 @@ A model is one folder in diffusers' layout::
     vae/...                          latent-space models only
     text_encoder/spec.json           which encoder the model was trained with
     text_encoder/model.safetensors   learned encoders only
+    text_encoder/config.json + weights, tokenizer/   CLIP encoders (copied in: the folder is self-contained)
 """
 import dataclasses
 import json
@@ -22,8 +23,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from threestudio_mv.models.mvdiffusion.text_encoders import TextEncoder, build_text_encoder
 from threestudio_mv.models.mvdiffusion.unet import CAMERA_DIM, build_unet, install_multiview_attention
-from threestudio_mv.models.prompt_processors.text_encoders import TextEncoder, build_text_encoder
 from threestudio_mv.utils.errors import UserError
 
 PathLike = Union[str, os.PathLike]
@@ -32,7 +33,6 @@ DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "assets" / "mvdream-t
 MODEL_INDEX = "model_index.json"
 TEXT_ENCODER_SPEC = "text_encoder/spec.json"
 TEXT_ENCODER_WEIGHTS = "text_encoder/model.safetensors"
-LATENT_SCALE = 0.18215  # Stable Diffusion's VAE latent scale
 CAMERA_CONVENTION = (
     "z-up world, OpenGL camera; c2w columns right, up, back, position; condition = c2w with unit-length "
     "translation flattened to 16 (threestudio_mv.utils.camera.mvdream_camera_condition); no camera = zeros"
@@ -77,7 +77,7 @@ class ModelMetadata:
     # backgrounds starting from zero-mean noise leaves random tints on the background. None: N(0, 1).
     init_mean: Optional[List[float]] = None
     # Background colour of the training renders (RGB in [0, 1]; pixel models). Samplers then anchor
-    # each step's x0 prediction to it (threestudio_mv.models.guidance.cfg.anchor_background), which
+    # each step's x0 prediction to it (threestudio_mv.models.mvdiffusion.cfg.anchor_background), which
     # removes the colour cast a small model leaves on the background. None: no anchor.
     background: Optional[List[float]] = None
     description: str = ""
@@ -170,25 +170,26 @@ class MultiViewDiffusionModel(nn.Module):
             raise ValueError(f"batch {sample.shape[0]} is not a multiple of num_views={num_views}")
         if camera is None:
             camera = sample.new_zeros(sample.shape[0], CAMERA_DIM)
+        dtype = self.unet.dtype  # the UNet runs in its own dtype (e.g. a float16 pipeline); eps comes back as sample's
         return self.unet(
-            sample,
+            sample.to(dtype),
             timestep,
-            encoder_hidden_states=text_embeddings.to(sample.dtype),
-            class_labels=camera.to(sample.dtype),
+            encoder_hidden_states=text_embeddings.to(dtype),
+            class_labels=camera.to(dtype),
             cross_attention_kwargs={"num_views": num_views},
-        ).sample
+        ).sample.to(sample.dtype)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> UNet samples (pixels as they are, or scaled VAE latents)."""
         if self.vae is None:
             return images
-        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample() * LATENT_SCALE
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample() * self.vae.config.scaling_factor
 
     def decode_samples(self, samples: torch.Tensor) -> torch.Tensor:
         """UNet samples -> images (B, 3, H, W) in [-1, 1]."""
         if self.vae is None:
             return samples
-        return self.vae.decode(samples.to(self.vae.dtype) / LATENT_SCALE).sample
+        return self.vae.decode(samples.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
 
     # -- folders -------------------------------------------------------------------------------
     def save_pretrained(self, directory: PathLike) -> Path:
@@ -202,7 +203,12 @@ class MultiViewDiffusionModel(nn.Module):
             if self.vae is not None:
                 self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
             (tmp / "text_encoder").mkdir()
-            (tmp / TEXT_ENCODER_SPEC).write_text(json.dumps(self.text_encoder_spec, indent=2) + "\n")
+            spec = self.text_encoder_spec
+            if spec.get("type") == "clip":  # copy the encoder in; the spec then points at this folder
+                encoder = self.build_text_encoder()
+                encoder.save_pretrained(tmp)
+                spec = {**encoder.spec(), "path": "."}
+            (tmp / TEXT_ENCODER_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
             if self.text_encoder is not None:
                 state = {key: value.detach().cpu().contiguous() for key, value in self.text_encoder.state_dict().items()}
                 save_file(state, str(tmp / TEXT_ENCODER_WEIGHTS))
@@ -224,20 +230,47 @@ class MultiViewDiffusionModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: Optional[PathLike] = None) -> "MultiViewDiffusionModel":
         """Load a model folder (default: the bundled model). A UserError names what is missing."""
-        directory = Path(directory).expanduser() if directory is not None else DEFAULT_MODEL_PATH
+        directory = model_folder(directory)
         check_model_folder(directory)
-        index = json.loads((directory / MODEL_INDEX).read_text())
-        known = {f.name for f in dataclasses.fields(ModelMetadata)}
-        metadata = ModelMetadata(**{k: v for k, v in index.get("metadata", {}).items() if k in known})
+        metadata = read_metadata(directory)
         unet = UNet2DConditionModel.from_pretrained(str(directory / "unet"), low_cpu_mem_usage=False)
         vae = AutoencoderKL.from_pretrained(str(directory / "vae"), low_cpu_mem_usage=False) if metadata.latent else None
         scheduler_config = dict(DDPMScheduler.load_config(str(directory / "scheduler")))
-        spec = json.loads((directory / TEXT_ENCODER_SPEC).read_text())
-        text_encoder = None
-        if spec.get("type") == "learned":
-            text_encoder = build_text_encoder(spec, load_file(str(directory / TEXT_ENCODER_WEIGHTS)))
+        spec = read_text_encoder_spec(directory)
+        text_encoder = load_text_encoder(directory) if spec.get("type") == "learned" else None
         model = cls(unet, scheduler_config, spec, metadata, vae=vae, text_encoder=text_encoder)
         return model.eval()
+
+
+def model_folder(directory: Optional[PathLike] = None) -> Path:
+    """``directory`` (user paths expanded), or the bundled model's folder when None."""
+    return Path(directory).expanduser() if directory is not None else DEFAULT_MODEL_PATH
+
+
+def read_metadata(directory: Optional[PathLike] = None) -> ModelMetadata:
+    """The :class:`ModelMetadata` of a model folder (default: the bundled model); unknown keys ignored."""
+    directory = model_folder(directory)
+    check_model_folder(directory)
+    index = json.loads((directory / MODEL_INDEX).read_text())
+    known = {f.name for f in dataclasses.fields(ModelMetadata)}
+    return ModelMetadata(**{k: v for k, v in index.get("metadata", {}).items() if k in known})
+
+
+def read_text_encoder_spec(directory: Path) -> Dict[str, Any]:
+    """A model folder's text encoder spec, a relative ``path`` (a copied-in CLIP) made absolute."""
+    spec = json.loads((directory / TEXT_ENCODER_SPEC).read_text())
+    if "path" in spec:
+        spec["path"] = str((directory / spec["path"]).resolve())
+    return spec
+
+
+def load_text_encoder(directory: Optional[PathLike] = None) -> TextEncoder:
+    """The text encoder of a model folder (default: the bundled model): the one place it is loaded."""
+    directory = model_folder(directory)
+    check_model_folder(directory)
+    spec = read_text_encoder_spec(directory)
+    weights = load_file(str(directory / TEXT_ENCODER_WEIGHTS)) if spec.get("type") == "learned" else None
+    return build_text_encoder(spec, weights)
 
 
 def check_model_folder(directory: Path) -> None:

