@@ -270,3 +270,72 @@ def sample_light_positions(
     low, high = distance_range
     distance = (low + (high - low) * torch.rand(batch, generator=generator)).to(camera_positions)
     return direction * distance[:, None]
+
+
+# --- Panoramas: yaw cameras at the room centre, equirectangular images, rotation homographies ------
+# Equirectangular convention: column u (centre u + 0.5) has longitude 180 - 360 (u + 0.5) / W degrees
+# (longitude = yaw = atan2(y, x): the image centre looks along +x and the panorama reads left to right
+# as a viewer turning clockwise, i.e. to the right); row v has latitude 90 - 180 (v + 0.5) / H (top = up).
+# Pixel homographies use image coordinates (x right, y down, pixel centres at +0.5), as K does.
+
+
+def yaw_c2w(yaw: Tensor, position: Tensor = None) -> Tensor:
+    """Level cameras (pitch 0, world up +z) looking along yaw (B,) degrees, i.e. direction
+    (cos yaw, sin yaw, 0), at ``position`` (B, 3) (default the origin) -> (B, 4, 4) OpenGL c2w."""
+    yaw = torch.deg2rad(yaw.reshape(-1).float())
+    c2w = torch.zeros(yaw.shape[0], 4, 4, device=yaw.device)
+    c2w[:, 0, 0], c2w[:, 1, 0] = torch.sin(yaw), -torch.cos(yaw)  # right
+    c2w[:, 2, 1] = 1.0  # up
+    c2w[:, 0, 2], c2w[:, 1, 2] = -torch.cos(yaw), -torch.sin(yaw)  # back = -forward
+    if position is not None:
+        c2w[:, :3, 3] = position
+    c2w[:, 3, 3] = 1.0
+    return c2w
+
+
+def panorama_yaws(n_view: int = 8, yaw_start: Number = 0.0) -> Tensor:
+    """Yaws (n_view,) in degrees of a panorama's views: ``yaw_start + i * 360 / n_view``."""
+    return view_azimuths(n_view, yaw_start)
+
+
+def equirect_directions(height: int, width: int) -> Tensor:
+    """World unit directions (H, W, 3) through the pixel centres of an equirectangular image."""
+    lon = torch.deg2rad(180.0 - 360.0 * (torch.arange(width, dtype=torch.float32) + 0.5) / width)
+    lat = torch.deg2rad(90.0 - 180.0 * (torch.arange(height, dtype=torch.float32) + 0.5) / height)
+    lat, lon = torch.meshgrid(lat, lon, indexing="ij")
+    return torch.stack([torch.cos(lat) * torch.cos(lon), torch.cos(lat) * torch.sin(lon), torch.sin(lat)], dim=-1)
+
+
+def direction_to_equirect(directions: Tensor, height: int, width: int) -> Tensor:
+    """World directions (..., 3) -> continuous equirectangular (column, row) (..., 2), column in [0, W)."""
+    d = torch.nn.functional.normalize(directions.float(), dim=-1)
+    lon = torch.rad2deg(torch.atan2(d[..., 1], d[..., 0]))
+    lat = torch.rad2deg(torch.asin(d[..., 2].clamp(-1.0, 1.0)))
+    column = ((180.0 - lon) / 360.0 * width) % width
+    row = (90.0 - lat) / 180.0 * height
+    return torch.stack([column, row], dim=-1)
+
+
+def intrinsics_from_fov(fov_deg: float, width: int, height: int) -> Tensor:
+    """Pinhole K (3, 3) in image coordinates (x right, y down, pixel centres at +0.5) for a horizontal
+    field of view ``fov_deg`` and square pixels."""
+    focal = 0.5 * width / torch.tan(torch.deg2rad(torch.tensor(float(fov_deg))) / 2.0)
+    return torch.tensor([[float(focal), 0.0, 0.5 * width], [0.0, float(focal), 0.5 * height], [0.0, 0.0, 1.0]])
+
+
+_GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0]))  # OpenGL camera axes <-> image-style (y down, z forward)
+
+
+def rotation_homography(K: Tensor, c2w_i: Tensor, c2w_j: Tensor) -> Tensor:
+    """The pixel homography (3, 3) from view i to view j of cameras sharing a centre: K R_j^-1 R_i K^-1
+    (R = c2w's rotation, wrapped in the OpenGL <-> image-axes flip)."""
+    R_i, R_j = c2w_i[:3, :3].float(), c2w_j[:3, :3].float()
+    return K @ _GL_TO_CV @ R_j.T @ R_i @ _GL_TO_CV @ torch.linalg.inv(K)
+
+
+def apply_homography(H: Tensor, points: Tensor) -> Tuple[Tensor, Tensor]:
+    """Map pixel points (..., 2) by H (3, 3) -> (points (..., 2), in front (...,) bool: positive depth)."""
+    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1) @ H.T
+    depth = homogeneous[..., 2]
+    mapped = homogeneous[..., :2] / torch.where(depth.abs() < 1e-9, torch.full_like(depth, 1e-9), depth)[..., None]
+    return mapped, depth > 0
