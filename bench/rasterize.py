@@ -9,30 +9,19 @@ same run (every pixel tested against every triangle, nearest depth wins; timed o
 """
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Dict
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when not pip-installed
 
+from render import time_it  # noqa: E402  (bench/render.py: median seconds after a warm-up run)
 from threestudio_mv.utils import camera  # noqa: E402
 from threestudio_mv.utils import rasterize as raster  # noqa: E402
 from threestudio_mv.utils.errors import exit_on_user_error  # noqa: E402
-
-
-def time_it(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def brute_force_ids(pixels: torch.Tensor, faces: torch.Tensor, rows: torch.Tensor, width: int, chunk: int = 256) -> torch.Tensor:

@@ -83,15 +83,18 @@ def test_schedule_values_bound_the_schedule_over_all_steps():
 
 
 
-@pytest.mark.parametrize("name", ["mvdream", "mvdream-sds", "mvdream-shading", "mvdream-sd21"])
-def test_text_to_3d_configs_build(name, tmp_path):
-    """Each shipped text-to-3D config (with its `extends`) parses strictly and builds its modules."""
+@pytest.mark.parametrize("name", ["mvdream-coarse", "mvdream-refine", "mvdream-texture", "mvdream-sds", "mvdream-shading",
+                                  "mvdream-sd21", "reconstruction-refine"])
+def test_single_stage_configs_build(name, tmp_path):
+    """Each shipped single-stage config (with its `extends`) parses strictly and builds its modules."""
     from threestudio_mv.launch import TrialConfig, load_yaml_with_extends
 
     raw = load_yaml_with_extends(REPO / "configs" / f"{name}.yaml")
-    raw.system.prompt_processor.prompt = "a red cube"
+    if "prompt_processor" in raw.system:
+        raw.system.prompt_processor.prompt = "a red cube"
     cfg = parse_structured(TrialConfig, raw)
-    threestudio_mv.find(cfg.data_type)(cfg.data)
+    if cfg.data_type != "posed-images-datamodule":  # that one needs a data folder
+        threestudio_mv.find(cfg.data_type)(cfg.data)
     system = threestudio_mv.find(cfg.system_type)(cfg.system, trial_dir=str(tmp_path))
     assert system.geometry.cfg.radius > 0
 
@@ -100,7 +103,18 @@ def test_default_camera_light_is_the_light_of_the_bundled_models_training_render
     from threestudio_mv.launch import load_yaml_with_extends
     from threestudio_mv.data.procedural import Light
 
-    configured, rendered = load_yaml_with_extends(REPO / "configs" / "mvdream.yaml").data.camera_light, Light()
+    configured, rendered = load_yaml_with_extends(REPO / "configs" / "mvdream-texture.yaml").data.camera_light, Light()
     assert list(configured.direction_camera) == pytest.approx(list(rendered.direction))
     assert configured.ambient_ratio == pytest.approx(rendered.ambient)
     assert rendered.ambient + rendered.diffuse == pytest.approx(1.0)  # the material's diffuse = 1 - ratio
+
+
+@pytest.mark.parametrize("name", ["mvdream", "reconstruction-mesh"])
+def test_staged_configs_name_existing_stage_configs(name):
+    from threestudio_mv.launch import find_config, load_yaml_with_extends
+
+    path = find_config(name)
+    stages = load_yaml_with_extends(path).stages
+    assert len(stages) >= 2 and len({stage.name for stage in stages}) == len(stages)
+    for stage in stages:
+        assert "stages" not in load_yaml_with_extends(path.parent / stage.config)  # each stage a complete config

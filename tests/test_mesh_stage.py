@@ -12,7 +12,7 @@ from threestudio_mv.models.geometry.tetrahedra_sdf_grid import (
     TetrahedraSDFGrid,
     kuhn_tetrahedra,
     marching_tetrahedra,
-    unique_edges,
+    grid_edges,
 )
 from threestudio_mv.models.renderers.mesh_rasterizer import MeshRasterizer, nvdiffrast_available
 from threestudio_mv.utils import camera, losses
@@ -59,6 +59,15 @@ def test_rasterize_matches_a_brute_force_depth_test():
         reference = brute_force_ids(rast.pixels[view].detach(), faces, SIZE)
         assert (rast.face_id[view] == reference).float().mean() > 0.99
     assert 0.2 < rast.mask.mean() < 0.8
+
+
+def test_back_face_culling_keeps_the_image_of_a_closed_mesh():
+    _, faces, clip, _ = sphere_clip()
+    full, culled = raster.rasterize(clip, faces, SIZE, SIZE), raster.rasterize(clip, faces, SIZE, SIZE, cull_backfaces=True)
+    assert torch.equal(full.face_id, culled.face_id)
+    inverted = raster.rasterize(clip, faces[:, [0, 2, 1]], SIZE, SIZE, cull_backfaces=True)
+    covered = full.face_id >= 0
+    assert (inverted.depth[covered] > full.depth[covered]).all()  # wound inside out: the far side shows
 
 
 def test_interpolation_reproduces_a_linear_attribute_at_the_pixel_centres():
@@ -110,7 +119,7 @@ def test_antialias_leaves_interior_edges_alone():
 @pytest.mark.parametrize("resolution", [24, 32])
 def test_marching_tetrahedra_of_a_sphere_is_closed_with_the_right_area(resolution):
     unit, tets = kuhn_tetrahedra(resolution)
-    edges, tet_edges = unique_edges(tets)
+    edges, tet_edges = grid_edges(resolution, tets)
     positions = unit * 1.2 - 0.6
     sdf = 0.4 - positions.norm(dim=-1) + 1e-4  # no grid vertex exactly on the surface
     vertices, faces = marching_tetrahedra(positions, sdf, tets, edges, tet_edges)
@@ -123,7 +132,7 @@ def test_marching_tetrahedra_of_a_sphere_is_closed_with_the_right_area(resolutio
 
 def test_marching_tetrahedra_passes_gradients_to_sdf_and_positions():
     unit, tets = kuhn_tetrahedra(8)
-    edges, tet_edges = unique_edges(tets)
+    edges, tet_edges = grid_edges(8, tets)
     positions = (unit - 0.5).requires_grad_(True)
     sdf = (0.3 - positions.detach().norm(dim=-1) + 1e-3).requires_grad_(True)
     vertices, _ = marching_tetrahedra(positions, sdf, tets, edges, tet_edges)
@@ -252,3 +261,17 @@ def test_nvdiffrast_and_the_pytorch_rasteriser_agree():
     assert (torch_out["opacity"] - nv_out["opacity"]).abs().mean() < 0.01
     assert (torch_out["comp_rgb"] - nv_out["comp_rgb"]).abs().mean() < 0.01
     np.testing.assert_allclose(torch_out["depth"].cpu(), nv_out["depth"].cpu(), atol=0.05)
+
+
+def test_grid_edges_are_the_tetrahedra_edges_without_repeats():
+    unit, tets = kuhn_tetrahedra(3)
+    edges, tet_edges = grid_edges(3, tets)
+    used = torch.unique(tet_edges)
+    pairs = {tuple(sorted(pair)) for tet in tets.tolist() for pair in ((tet[a], tet[b]) for a, b in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)))}
+    assert len(used) == len(pairs)
+    assert {tuple(sorted(edge)) for edge in edges[used].tolist()} == pairs
+    # every tetrahedron edge id names that tetrahedron's pair of vertices
+    local = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
+    ends = tets[:, local].sort(dim=-1).values
+    assert torch.equal(edges[tet_edges].sort(dim=-1).values, ends)
+    assert len(unit) == 4 ** 3 and len(tets) == 6 * 27

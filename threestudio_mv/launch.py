@@ -2,8 +2,8 @@
 
     threestudio-mv --config mvdream --train --export system.prompt_processor.prompt="a blue mug"
     threestudio-mv --config configs/reconstruction.yaml --train data.root=DIR
-    threestudio-mv --export resume=outputs/<name>/<tag>/ckpts/last.ckpt   # export a finished trial
-    threestudio-mv --config ... --train resume=outputs/<name>/<tag>/ckpts/last.ckpt   # continue a trial
+    threestudio-mv --export resume=outputs/<name>/<tag>@<time>/ckpts/last.ckpt   # export a finished trial
+    threestudio-mv --train resume=outputs/<name>/<tag>@<time>/ckpts/last.ckpt   # continue a trial (its own config)
 
 ``--config`` takes a YAML path or the name of a bundled config (``mvdream``, ``reconstruction``, ...).
 Any config key can be overridden with key=value (OmegaConf dot-list syntax). A staged config (a
@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR / "configs"  # the bundled configs, found by name
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine")
 EXTENSIONS_DIR = PACKAGE_DIR.parent / "extensions"  # a source checkout's plug-ins
 
 
@@ -55,7 +56,7 @@ class CheckpointConfig:
 
 @dataclass
 class TrialConfig:
-    """Top-level keys of a trial config (DESIGN.md section 3)."""
+    """Top-level keys of a trial config (docs/conventions.md)."""
 
     name: str = "default"
     description: str = ""
@@ -90,6 +91,8 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
             raise UserError(f"unrecognised argument '{extra}'; overrides look like key=value, see --help")
     if not (args.train or args.validate or args.test or args.export):
         raise UserError("choose what to do: --train, --validate, --test and/or --export")
+    if args.gpu is not None and not all(part.strip().isdigit() for part in str(args.gpu).split(",")):
+        raise UserError(f"--gpu takes GPU indices like 0 or 0,1; got '{args.gpu}'")
     return args, extras
 
 
@@ -114,7 +117,13 @@ def load_yaml_with_extends(path: Path, seen: Tuple[Path, ...] = ()):
         raise UserError(f"config '{path}' extends itself (cycle: {' -> '.join(str(p) for p in seen)})")
     if not path.is_file():
         raise UserError(f"config file '{path}' not found")
-    config = OmegaConf.load(path)
+    try:
+        config = OmegaConf.load(path)
+    except Exception as error:  # yaml's parser errors have no common base with OmegaConf's
+        if "yaml" not in type(error).__module__ and not isinstance(error, ValueError):
+            raise
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(f"config '{path}' is not valid YAML: {reason}") from None
     base = config.pop("extends", None)
     if base is None:
         return config
@@ -210,14 +219,51 @@ def accelerator_settings(args: argparse.Namespace, trainer_cfg: TrainerConfig) -
 
 
 def quiet_libraries() -> None:
+    """Library warnings and info lines off (Lightning's device lines and advertising tips): Lightning
+    sets its loggers' levels when imported, so it is imported first."""
     import warnings
 
+    import pytorch_lightning  # noqa: F401
+    import transformers
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar at every text-encoder load
     warnings.filterwarnings("ignore", module="pytorch_lightning")
     warnings.filterwarnings("ignore", module="lightning_fabric")
     warnings.filterwarnings("ignore", category=UserWarning, message=".*does not have many workers.*")
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric",
+                 "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def check_checkpoint_matches(system: Any, checkpoint: str) -> None:
+    """A one-line error when ``checkpoint`` was made by a trial of another config (other modules or sizes)."""
+    import torch
+
+    from threestudio_mv.utils.errors import UserError
+
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("state_dict", {})
+    own = system.state_dict()
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    resized = sorted(k for k in set(own) & set(saved) if tuple(own[k].shape) != tuple(saved[k].shape))
+    for problem, keys in (("lacks", missing), ("has unknown", unexpected), ("has other shapes for", resized)):
+        if keys:
+            raise UserError(
+                f"checkpoint '{checkpoint}' was made with another config: it {problem} {len(keys)} of this trial's "
+                f"weights (e.g. {', '.join(keys[:3])}); resume it with its own config (leave out --config)"
+            )
+
+
+def process_seed(seed: int) -> int:
+    """The seed of this process: ``seed`` + its global rank under DDP (threestudio's rule), so the ranks
+    sample different cameras and noise; the model's weights are broadcast from rank 0 anyway."""
+    rank = os.environ.get("RANK") or os.environ.get("GLOBAL_RANK")
+    if rank is None:
+        local, node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("NODE_RANK", 0))
+        rank = node * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) + local
+    return seed + int(rank)
 
 
 def main(argv: List[str]) -> int:
@@ -264,11 +310,13 @@ def run_stages(args: argparse.Namespace, raw: Any, argv: List[str]) -> Path:
         OmegaConf.save(OmegaConf.merge(shared, {"stages": stages}), trial_dir / "configs" / "raw.yaml")
         with open(trial_dir / "cmd.txt", "a") as handle:
             handle.write(" ".join(shlex.quote(a) for a in [sys.executable, "-m", "threestudio_mv.launch", *argv]) + "\n")
+    stage_raws = [OmegaConf.merge(load_yaml_with_extends(config_dir / str(stage.config)), shared, per_stage.get(name) or {})
+                  for name, stage in zip(names, stages)]
+    for stage_raw in stage_raws:  # every stage's keys checked before the first one trains
+        check_system_keys(stage_raw)
     previous: Optional[Path] = None
-    for index, (name, stage) in enumerate(zip(names, stages)):
+    for index, (name, stage_raw) in enumerate(zip(names, stage_raws)):
         last = index == len(stages) - 1
-        stage_raw = load_yaml_with_extends(config_dir / str(stage.config))
-        stage_raw = OmegaConf.merge(stage_raw, shared, per_stage.get(name) or {})
         stage_dir = trial_dir / name
         checkpoint = stage_dir / "ckpts" / "last.ckpt"
         if previous is not None and not OmegaConf.select(stage_raw, "system.geometry_convert_from"):
@@ -291,6 +339,27 @@ def run_stages(args: argparse.Namespace, raw: Any, argv: List[str]) -> Path:
     return trial_dir
 
 
+def check_system_keys(raw: Any) -> None:
+    """Parse a trial config's system keys and those of its modules (``<part>_type`` + ``<part>``) against
+    their Config dataclasses without building anything: a mistake is a one-line error up front."""
+    from omegaconf import OmegaConf
+
+    import threestudio_mv
+    from threestudio_mv.utils.config import parse_structured
+
+    cfg = parse_structured(TrialConfig, OmegaConf.masked_copy(raw, [k for k in raw if k in TrialConfig.__dataclass_fields__]))
+    if not cfg.system_type:
+        return
+    system_cls = threestudio_mv.find(cfg.system_type)
+    system = parse_structured(system_cls.Config, cfg.system, "system")
+    for key in vars(system):
+        if key.endswith("_type") and isinstance(getattr(system, key), str) and getattr(system, key):
+            part = key[: -len("_type")]
+            module_cls = threestudio_mv.find(getattr(system, key))
+            if hasattr(module_cls, "Config") and isinstance(cfg.system.get(part), dict):
+                parse_structured(module_cls.Config, cfg.system[part], f"system.{part}")
+
+
 def run_trial(args: argparse.Namespace, raw: Any, argv: List[str], trial_dir: Optional[Path] = None) -> Path:
     """Run one trial (one config) with Lightning; ``trial_dir`` fixes its folder (a stage's)."""
     from omegaconf import OmegaConf
@@ -307,6 +376,8 @@ def run_trial(args: argparse.Namespace, raw: Any, argv: List[str], trial_dir: Op
         raise UserError("config key 'data_type' is empty; set it to a registered data module")
     if cfg.resume and not Path(cfg.resume).is_file():
         raise UserError(f"checkpoint '{cfg.resume}' not found (resume= must point to a .ckpt file)")
+    if cfg.trainer.precision not in PRECISIONS:
+        raise UserError(f"config key 'trainer.precision' is '{cfg.trainer.precision}'; use one of {', '.join(PRECISIONS)}")
     if (args.test or args.validate or args.export) and not args.train and not cfg.resume:
         raise UserError("--test/--validate/--export without --train need a trained trial: pass resume=<trial>/ckpts/last.ckpt")
 
@@ -318,7 +389,7 @@ def run_trial(args: argparse.Namespace, raw: Any, argv: List[str], trial_dir: Op
     from threestudio_mv.utils.trainer import AtomicCheckpointIO, StepProgressBar
 
     trial_dir = trial_dir or resolve_trial_dir(cfg)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    pl.seed_everything(process_seed(cfg.seed), workers=True, verbose=False)
     system_cls, data_cls = threestudio_mv.find(cfg.system_type), threestudio_mv.find(cfg.data_type)
     datamodule = data_cls(cfg.data)
     system = system_cls(cfg.system, trial_dir=str(trial_dir))
@@ -375,6 +446,8 @@ def run_trial(args: argparse.Namespace, raw: Any, argv: List[str], trial_dir: Op
         **accelerator_settings(args, trainer_cfg),
     )
 
+    if cfg.resume:
+        check_checkpoint_matches(system, cfg.resume)
     if args.train:
         trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.resume)
     elif cfg.resume:

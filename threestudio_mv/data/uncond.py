@@ -3,7 +3,7 @@
 ``random-multiview-camera-datamodule`` yields batches of G groups x ``n_view`` cameras (MVDream's
 layout: the views of a group share elevation, FOV and distance and are 360/n_view degrees apart).
 Validation is one batch of ``n_val_views`` views around the object; test is a turntable of
-``n_test_views`` frames, one per batch. Every batch holds the DESIGN.md keys (rays, c2w, mvp,
+``n_test_views`` frames, one per batch. Every batch holds the docs/conventions.md keys (rays, c2w, mvp,
 positions, lights, angles, sizes); eval batches add ``index``.
 """
 import bisect
@@ -48,7 +48,7 @@ def camera_batch(
     n_view: int,
     directions: Optional[Tensor] = None,
 ) -> Batch:
-    """Assemble a batch dict with the DESIGN.md camera keys from per-view camera tensors (B, ...).
+    """Assemble a batch dict with the docs/conventions.md camera keys from per-view camera tensors (B, ...).
 
     ``directions`` (B, h, w, 3) are camera-space ray directions when only some pixels are wanted
     (random-ray training); by default all ``height`` x ``width`` pixels of each view.

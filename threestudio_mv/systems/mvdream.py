@@ -1,6 +1,6 @@
 """System `mvdream-system`: text-to-3D with multi-view score distillation (SDS or x0-SDS).
 
-One step (DESIGN.md section 1): G groups of n_view cameras -> render -> all B = G * n_view renders to
+One step (docs/conventions.md): G groups of n_view cameras -> render -> all B = G * n_view renders to
 the multi-view guidance in one call -> + regularisers -> step. Export at the end gives a textured mesh.
 """
 from dataclasses import dataclass, field
@@ -30,9 +30,6 @@ class MVDreamSystem(VolumeSystem):
         lambda_sparsity: Schedule = schedule(0.0)
         lambda_opaque: Schedule = schedule(0.0)
         lambda_z_variance: Schedule = schedule(0.0)
-        # mesh stages (the renderer returns the mesh): smooth surfaces
-        lambda_normal_consistency: Schedule = schedule(0.0)
-        lambda_laplacian_smoothness: Schedule = schedule(0.0)
 
     def configure(self) -> None:
         super().configure()
@@ -57,8 +54,7 @@ class MVDreamSystem(VolumeSystem):
             "opaque": (self.cfg.lambda_opaque, lambda: losses.binary_entropy(out["opacity"])),
             "z_variance": (self.cfg.lambda_z_variance, lambda: losses.z_variance(out)),
             "orient": (self.cfg.lambda_orient, lambda: losses.orientation(out)),
-            "normal_consistency": (self.cfg.lambda_normal_consistency, lambda: losses.normal_consistency(out["mesh"])),
-            "laplacian_smoothness": (self.cfg.lambda_laplacian_smoothness, lambda: losses.laplacian_smoothness(out["mesh"])),
+            **self.mesh_terms(out),
         }
         loss = torch.zeros((), device=out["comp_rgb"].device)
         for name, (weight, compute) in terms.items():

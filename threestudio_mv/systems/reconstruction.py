@@ -34,6 +34,9 @@ class ReconstructionSystem(VolumeSystem):
             "opaque": binary_entropy(out["opacity"]),
         }
         weights = {"rgb": self.cfg.lambda_rgb, "mask": self.cfg.lambda_mask, "opaque": self.cfg.lambda_opaque}
+        for name, (weight, compute) in self.mesh_terms(out).items():
+            if C(weight, step) > 0:
+                losses[name], weights[name] = compute(), weight
         loss = sum(C(weights[k], step) * v for k, v in losses.items())
         for name, value in losses.items():
             self.log(f"train/loss_{name}", value)

@@ -12,6 +12,7 @@ import torch
 
 import threestudio_mv
 from threestudio_mv.systems.base import BaseSystem
+from threestudio_mv.utils import losses
 from threestudio_mv.utils.config import C, Schedule, schedule, schedule_values
 from threestudio_mv.utils.errors import UserError
 from threestudio_mv.utils.io import to_uint8
@@ -43,6 +44,9 @@ class VolumeSystem(BaseSystem):
         # [[0, 1], [100, 1], [150, 0.1]] anneals a texture stage so it ends near the mean of its noisy
         # targets, not on the last one
         lr_scale: Schedule = schedule(1.0)
+        # mesh geometries (the renderer returns the mesh): smooth surfaces
+        lambda_normal_consistency: Schedule = schedule(0.0)
+        lambda_laplacian_smoothness: Schedule = schedule(0.0)
 
     def configure(self) -> None:
         cfg = self.cfg
@@ -61,7 +65,7 @@ class VolumeSystem(BaseSystem):
             self.seed_geometry(Path(cfg.geometry_convert_from))
 
     def seed_geometry(self, checkpoint: Path) -> None:
-        """Seed this stage's geometry from the previous stage's checkpoint (DESIGN.md section 5)."""
+        """Seed this stage's geometry from the previous stage's checkpoint (docs/stages.md)."""
         from omegaconf import OmegaConf
 
         key = "system.geometry_convert_from"
@@ -96,6 +100,13 @@ class VolumeSystem(BaseSystem):
 
     def forward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         return self.renderer(**batch)
+
+    def mesh_terms(self, out: Dict[str, Any]) -> Dict[str, Any]:
+        """The mesh regularisers as {name: (weight schedule, loss function)}, for a rendered mesh."""
+        return {
+            "normal_consistency": (self.cfg.lambda_normal_consistency, lambda: losses.normal_consistency(out["mesh"])),
+            "laplacian_smoothness": (self.cfg.lambda_laplacian_smoothness, lambda: losses.laplacian_smoothness(out["mesh"])),
+        }
 
     # ----------------------------------------------------------------------------- evaluation
     def _view_images(self, out: Dict[str, torch.Tensor], index: int, batch: Dict[str, Any]) -> List[Any]:

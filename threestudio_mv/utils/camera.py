@@ -1,4 +1,4 @@
-"""Camera math: the only place where camera conventions live (see DESIGN.md section 3).
+"""Camera math: the only place where camera conventions live (see docs/conventions.md).
 
 World: right-handed, z up. Camera: OpenGL axes (x right, y up, looking down -z). ``c2w`` is 4x4 with
 columns right, up, back (= -forward), position. Azimuth 0 deg views the object from +x, azimuth grows

@@ -147,19 +147,28 @@ def clip_to_pixels(clip: Tensor, height: int, width: int) -> Tensor:
     return torch.stack([col, row, w], dim=-1)
 
 
-def rasterize(clip: Tensor, faces: Tensor, height: int, width: int, near: float = 1e-3) -> Rasterization:
+def rasterize(
+    clip: Tensor, faces: Tensor, height: int, width: int, near: float = 1e-3, cull_backfaces: bool = False
+) -> Rasterization:
     """Visible triangle per pixel centre: coverage by :func:`rasterize_triangles_2d`, then a depth test
     (smallest perspective-correct depth wins; ties go to the smaller triangle id).
 
     ``clip`` (B, V, 4) clip-space vertices (``mvp @ [x, 1]``), ``faces`` (F, 3) long. Triangles with a
-    vertex closer than ``near`` are dropped (no near-plane clipping: object-centred cameras).
+    vertex closer than ``near`` are dropped (no near-plane clipping: object-centred cameras); with
+    ``cull_backfaces`` so are those seen from behind (counter-clockwise in NDC is the front, as in
+    OpenGL): for closed meshes wound outward, whose back faces are always hidden, half the work.
     """
     pixels = clip_to_pixels(clip, height, width)
     face_ids, depths = [], []
     with torch.no_grad():
         for view in range(clip.shape[0]):
             screen = pixels[view].detach().double()
-            kept = torch.nonzero((screen[faces, 2] > near).all(dim=1)).squeeze(1)
+            keep = (screen[faces, 2] > near).all(dim=1)
+            if cull_backfaces:  # counter-clockwise in NDC (y up) is clockwise in pixels (rows down)
+                tri = screen[faces]
+                a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
+                keep &= (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0]) < 0
+            kept = torch.nonzero(keep).squeeze(1)
             face, row, col, bary = rasterize_triangles_2d(screen[faces[kept]][..., :2], height, width)
             face = kept[face]
             pixel = row * width + col

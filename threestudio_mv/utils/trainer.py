@@ -35,6 +35,12 @@ class StepProgressBar(TQDMProgressBar):
             bar.refresh()
         bar.set_description(f"Train (epoch {trainer.current_epoch})")
 
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Dict[str, Any]:
+        """The logged values shown on the bar, without Lightning's logger version (``v_num``)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
         bar = self.train_progress_bar
         step = trainer.global_step

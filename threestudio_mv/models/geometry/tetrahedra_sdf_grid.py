@@ -21,7 +21,7 @@ from torch import Tensor, nn
 import threestudio_mv
 from threestudio_mv.models.encodings import get_encoding, get_mlp
 from threestudio_mv.models.geometry.base import BaseImplicitGeometry
-from threestudio_mv.models.geometry.isosurface import IsosurfaceMesh
+from threestudio_mv.models.geometry.isosurface import IsosurfaceMesh, remove_small_components
 from threestudio_mv.utils.errors import UserError
 
 # The 6 edges of a tetrahedron, as pairs of its local vertices.
@@ -49,18 +49,27 @@ def kuhn_tetrahedra(resolution: int) -> Tuple[Tensor, Tensor]:
     return vertices, torch.cat(tets)
 
 
-def unique_edges(tets: Tensor) -> Tuple[Tensor, Tensor]:
-    """The grid's edges (E, 2) and each tetrahedron's 6 edges as indices into them (T, 6).
+def grid_edges(resolution: int, tets: Tensor) -> Tuple[Tensor, Tensor]:
+    """The Kuhn grid's edges (E, 2) and each tetrahedron's 6 edges as indices into them (T, 6).
 
-    Computed once per grid: marching tetrahedra then never sorts edges per step (a per-step
-    ``torch.unique`` was the slow part of marching tetrahedra on CPU).
+    Every edge of a Kuhn tetrahedron joins a vertex v to v + d, d one of the 7 non-zero 0/1 steps, so
+    edge (v, d) gets the id 7 v + code(d) without sorting (a per-step ``torch.unique`` over edges was
+    the slow part of marching tetrahedra on CPU). Ids whose far end leaves the grid are edges (v, v),
+    which no tetrahedron uses and no surface crosses.
     """
-    pairs = torch.stack([tets[:, list(pair)] for pair in TET_EDGES], dim=1).reshape(-1, 2)
-    pairs = pairs.sort(dim=1).values
-    n_vertices = int(tets.max()) + 1
-    keys, inverse = torch.unique(pairs[:, 0] * n_vertices + pairs[:, 1], return_inverse=True)
-    edges = torch.stack([keys // n_vertices, keys % n_vertices], dim=-1)
-    return edges, inverse.view(-1, 6)
+    n = resolution + 1
+    steps = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(1, 8)])  # code c -> step of c + 1
+    index = torch.arange(n ** 3)
+    coords = torch.stack([index // (n * n), (index // n) % n, index % n], dim=-1)
+    far = coords[:, None] + steps[None]  # (V, 7, 3)
+    inside = (far < n).all(dim=-1)
+    far_index = (far[..., 0] * n + far[..., 1]) * n + far[..., 2]
+    edges = torch.stack([index[:, None].expand(-1, 7), torch.where(inside, far_index, index[:, None])], dim=-1)
+    pairs = torch.stack([tets[:, list(pair)] for pair in TET_EDGES], dim=1)  # (T, 6, 2)
+    low, high = pairs.min(dim=-1).values, pairs.max(dim=-1).values
+    step = torch.stack([high // (n * n) - low // (n * n), (high // n) % n - (low // n) % n, high % n - low % n], dim=-1)
+    code = step[..., 0] * 4 + step[..., 1] * 2 + step[..., 2] - 1
+    return edges.reshape(-1, 2), low * 7 + code
 
 
 def _triangle_table() -> Tuple[Tensor, Tensor]:
@@ -99,7 +108,7 @@ def marching_tetrahedra(
     """Differentiable marching tetrahedra of the region where ``sdf`` > 0.
 
     ``positions`` (V, 3) and ``sdf`` (V,) at the grid vertices; ``tets`` (T, 4), ``edges`` (E, 2) and
-    ``tet_edges`` (T, 6) from :func:`kuhn_tetrahedra` / :func:`unique_edges`; ``tets`` and
+    ``tet_edges`` (T, 6) from :func:`kuhn_tetrahedra` / :func:`grid_edges`; ``tets`` and
     ``tet_edges`` may be a subset of the grid's (a band around the surface), ``edge_ids`` then the
     edges those use. Returns mesh vertices (M, 3), one per crossed grid edge (so the mesh is
     watertight), and faces (K, 3) wound with normals pointing out of the region (towards lower sdf).
@@ -113,7 +122,9 @@ def marching_tetrahedra(
     vertex_of_edge[crossed_ids] = torch.arange(crossed_ids.numel(), device=sdf.device)
     ends = edges[crossed_ids]
     s0, s1 = sdf[ends[:, 0]], sdf[ends[:, 1]]
-    t = (s0 / (s0 - s1))[:, None]
+    # kept 1% of an edge off the grid vertices: vertices of neighbouring edges never coincide (a zero-area
+    # pinch, which welding the exported mesh by position would turn into a non-manifold edge)
+    t = (s0 / (s0 - s1)).clamp(0.01, 0.99)[:, None]
     vertices = positions[ends[:, 0]] * (1.0 - t) + positions[ends[:, 1]] * t
 
     codes = (inside[tets].long() * torch.tensor([1, 2, 4, 8], device=sdf.device)).sum(dim=1)
@@ -178,7 +189,7 @@ class TetrahedraSDFGrid(BaseImplicitGeometry):
         if cfg.bbox is not None and len(cfg.bbox) != 6:
             raise UserError(f"config key '{prefix}.bbox' needs 6 numbers (min xyz, max xyz), got {cfg.bbox}")
         unit, tets = kuhn_tetrahedra(cfg.grid_resolution)
-        edges, tet_edges = unique_edges(tets)
+        edges, tet_edges = grid_edges(cfg.grid_resolution, tets)
         self.register_buffer("unit_vertices", unit, persistent=False)
         self.register_buffer("tets", tets, persistent=False)
         self.register_buffer("edges", edges, persistent=False)
@@ -197,7 +208,7 @@ class TetrahedraSDFGrid(BaseImplicitGeometry):
         self.feature_network = get_mlp(
             self.encoding.n_output_dims, cfg.n_feature_dims, cfg.mlp_network_config, f"{prefix}.mlp_network_config"
         )
-        self._fixed_mesh: Optional[IsosurfaceMesh] = None
+        self._fixed_mesh: Dict[bool, IsosurfaceMesh] = {}  # fix_geometry: the mesh, by training mode
         self._band: Optional[Tuple[Tensor, Tensor]] = None  # (tetrahedra, their edges) near the surface
 
     def on_update_step(self, epoch: int, global_step: int) -> None:
@@ -229,8 +240,8 @@ class TetrahedraSDFGrid(BaseImplicitGeometry):
 
     def isosurface(self) -> IsosurfaceMesh:
         """The marching-tetrahedra mesh (differentiable unless ``fix_geometry``, then cached)."""
-        if self.cfg.fix_geometry and self._fixed_mesh is not None:
-            return self._fixed_mesh
+        if self.cfg.fix_geometry and self.training in self._fixed_mesh:
+            return self._fixed_mesh[self.training]
         if self.training and not self.cfg.fix_geometry:
             band, edge_ids = self.surface_band()
             vertices, faces = marching_tetrahedra(
@@ -243,13 +254,20 @@ class TetrahedraSDFGrid(BaseImplicitGeometry):
                 f"{self.config_prefix}: the SDF grid holds no surface (every vertex on one side): seed it "
                 "with system.geometry_convert_from=<coarse stage checkpoint>"
             )
+        if not self.training and self.cfg.isosurface_remove_outliers:
+            # as the volume's export: specks (pieces under the outlier fraction of the faces) go
+            kept_vertices, kept_faces = remove_small_components(
+                vertices.detach().cpu().numpy(), faces.cpu().numpy(), self.cfg.isosurface_outlier_n_faces_threshold
+            )
+            vertices = torch.from_numpy(kept_vertices).to(vertices)
+            faces = torch.from_numpy(kept_faces).to(faces)
         mesh = IsosurfaceMesh(vertices=vertices, faces=faces, level=0.0)
         if self.cfg.fix_geometry:
-            self._fixed_mesh = mesh
+            self._fixed_mesh[self.training] = mesh
         return mesh
 
     def _load_from_state_dict(self, state_dict: Dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
-        self._fixed_mesh, self._band = None, None  # the SDF may change: mesh again
+        self._fixed_mesh, self._band = {}, None  # the SDF may change: mesh again
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _features(self, points: Tensor) -> Tensor:
@@ -299,7 +317,7 @@ class TetrahedraSDFGrid(BaseImplicitGeometry):
             self._seed_from_volume(source)
         else:
             raise UserError(f"{self.config_prefix}: cannot create a tetrahedra-sdf-grid from '{type(source).__name__}'")
-        self._fixed_mesh, self._band = None, None
+        self._fixed_mesh, self._band = {}, None
         if inherit_texture:
             self.inherit_colour_field(source)
 

@@ -1,6 +1,6 @@
 """``mesh-rasterizer``: renders a mesh geometry (``isosurface()`` with gradients) by rasterisation.
 
-nvdiffrast's split (DESIGN.md section 5): rasterise without gradient, interpolate positions and
+nvdiffrast's split (docs/stages.md): rasterise without gradient, interpolate positions and
 normals with gradient, shade the covered pixels with the material, composite over the background and
 antialias silhouette edges so vertex positions get silhouette gradients. The ops are the project's
 pure-PyTorch ones (:mod:`threestudio_mv.utils.rasterize`), or nvdiffrast's when it imports and the
@@ -60,7 +60,7 @@ class _TorchOps:
 
     def rasterize(self, clip: Tensor, faces: Tensor, height: int, width: int) -> raster.Rasterization:
         self.neighbours = raster.face_neighbours(faces)
-        return raster.rasterize(clip, faces, height, width)
+        return raster.rasterize(clip, faces, height, width, cull_backfaces=True)  # meshes here are closed
 
     def interpolate(self, attributes: Tensor, rast: raster.Rasterization) -> Tensor:
         return raster.interpolate(attributes, rast)
@@ -93,6 +93,9 @@ class MeshRasterizer(BaseModule):
     class Config:
         backend: str = "auto"  # "auto": nvdiffrast on CUDA when it imports, else "torch"
         return_comp_normal: bool = False
+        # colours are read this far (world units) inside the surface along its normal, where a colour field
+        # inherited from a volume was trained (as the exporter's color_offset; 0: on the surface)
+        color_offset: float = 0.0
 
     cfg: Config
 
@@ -144,8 +147,10 @@ class MeshRasterizer(BaseModule):
             normals = F.normalize(ops.interpolate(vertex_normals(vertices, faces), rast), dim=-1)
             camera = rays_o.reshape(batch, -1, 3)[:, :1].reshape(batch, 1, 1, 3)
             points = positions[covered]
-            view_dirs = F.normalize(points - camera.expand_as(positions)[covered], dim=-1)
+            view_dirs = F.normalize(positions[covered] - camera.expand_as(positions)[covered], dim=-1)
             lights = light_positions.reshape(batch, 1, 1, 3).expand(batch, height, width, 3)[covered]
+            if self.cfg.color_offset:
+                points = points - self.cfg.color_offset * normals[covered]
             features = geometry(points)["features"]
             colour = material(features=features, viewdirs=view_dirs, positions=points, light_positions=lights,
                               shading_normal=normals[covered], **kwargs)
