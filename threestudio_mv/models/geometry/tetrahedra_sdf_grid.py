@@ -277,14 +277,6 @@ class TetrahedraSDFGrid(BaseImplicitGeometry):
         """World points (N, 3) on the surface -> raw colour ``features`` (N, n_feature_dims)."""
         return {"features": self._features(points)}
 
-    def forward_field(self, points: Tensor) -> Tensor:
-        """The SDF (N, 1), trilinear in the undeformed grid (what the mesh is not: for inspection)."""
-        unit = (points - self.bbox[0]) / (self.bbox[1] - self.bbox[0])
-        n = self.cfg.grid_resolution + 1
-        volume = self.sdf.view(1, 1, n, n, n)  # indexed [x, y, z]
-        grid = (unit.flip(-1) * 2.0 - 1.0).view(1, -1, 1, 1, 3)  # grid_sample wants (z, y, x) -> (W, H, D)
-        return F.grid_sample(volume, grid, align_corners=True, padding_mode="border").view(-1, 1)
-
     def export(self, points: Tensor, **kwargs: Any) -> Dict[str, Tensor]:
         return {"features": self._features(points)}
 

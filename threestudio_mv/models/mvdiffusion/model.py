@@ -13,8 +13,6 @@ A model is one folder in diffusers' layout::
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -26,6 +24,7 @@ from torch import nn
 from threestudio_mv.models.mvdiffusion.text_encoders import TextEncoder, build_text_encoder
 from threestudio_mv.models.mvdiffusion.unet import CAMERA_DIM, build_unet, install_multiview_attention
 from threestudio_mv.utils.errors import UserError
+from threestudio_mv.utils.io import atomic_directory
 
 PathLike = Union[str, os.PathLike]
 #: The small model trained on the procedural dataset and shipped with the package.
@@ -195,9 +194,7 @@ class MultiViewDiffusionModel(nn.Module):
     def save_pretrained(self, directory: PathLike) -> Path:
         """Write the model folder atomically (a temporary folder renamed into place)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
             DDPMScheduler.from_config(self.scheduler_config).save_pretrained(tmp / "scheduler")
             if self.vae is not None:
@@ -221,10 +218,6 @@ class MultiViewDiffusionModel(nn.Module):
                 "metadata": dataclasses.asdict(self.metadata),
             }
             (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            _replace_directory(tmp, directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return directory
 
     @classmethod
@@ -292,13 +285,3 @@ def check_model_folder(directory: Path) -> None:
     if missing:
         raise UserError(f"model folder '{directory}' is not a multi-view diffusion model: missing {', '.join(missing)}")
 
-
-def _replace_directory(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``, replacing an existing folder with as short a gap as possible."""
-    if not target.exists():
-        os.replace(source, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, old / target.name)
-    os.replace(source, target)
-    shutil.rmtree(old)

@@ -26,8 +26,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -42,12 +40,12 @@ from tqdm import tqdm
 from threestudio_mv.data.procedural import rooms
 from threestudio_mv.models.mvdiffusion.caa import CAAUNet
 from threestudio_mv.models.mvdiffusion.cfg import predict_noise_with_cfg
-from threestudio_mv.models.mvdiffusion.model import _replace_directory, sd_scheduler_config
+from threestudio_mv.models.mvdiffusion.model import sd_scheduler_config
 from threestudio_mv.models.mvdiffusion.text_encoders import TextEncoder, build_text_encoder
 from threestudio_mv.models.prompt_processors.cache import CachedTextEncoder
 from threestudio_mv.utils import camera
 from threestudio_mv.utils.errors import UserError
-from threestudio_mv.utils.io import atomic_path, save_json
+from threestudio_mv.utils.io import atomic_directory, atomic_path, save_json
 
 DEFAULT_PANORAMA_MODEL = Path(__file__).resolve().parents[2] / "assets" / "panorama-tiny"
 MODEL_INDEX = "model_index.json"
@@ -122,9 +120,7 @@ class PanoramaModel(nn.Module):
     def save_pretrained(self, directory: Path) -> Path:
         """Write the model folder atomically (a temporary folder renamed into place)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             # float16 on disk (a copy) halves the shipped folder; loading casts back to float32.
             copy.deepcopy(self.net.unet).to(torch.float16).save_pretrained(tmp / "unet", safe_serialization=True)
             self.net.save_caa(tmp / "caa")
@@ -140,10 +136,6 @@ class PanoramaModel(nn.Module):
                 "metadata": dataclasses.asdict(self.metadata),
             }
             (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            _replace_directory(tmp, directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return directory
 
     @classmethod
