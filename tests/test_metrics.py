@@ -12,7 +12,6 @@ from threestudio_mv.eval.metrics import (
     foreground_mask,
     mesh_from_export,
     mesh_occupancy,
-    nearest_colour_name,
     psnr,
     silhouette_iou,
     ssim,
@@ -20,6 +19,7 @@ from threestudio_mv.eval.metrics import (
     volumetric_iou,
     winding_numbers,
 )
+from threestudio_mv.data.procedural.colours import nearest_colour_name
 from threestudio_mv.models.exporters.mesh_exporter import export_textured_mesh
 
 
@@ -116,8 +116,8 @@ def test_image_metrics() -> None:
 
 def test_colour_names_and_foreground_masks() -> None:
     palette = {"red": (1.0, 0.0, 0.0), "green": (0.0, 0.6, 0.0), "blue": (0.0, 0.0, 1.0)}
-    assert nearest_colour_name((0.8, 0.15, 0.1), palette) == "red"
-    assert nearest_colour_name(torch.tensor([0.1, 0.2, 0.7]), palette) == "blue"
+    assert nearest_colour_name((0.8, 0.15, 0.1), palette=palette) == "red"
+    assert nearest_colour_name(torch.tensor([0.1, 0.2, 0.7]), palette=palette) == "blue"
     image = np.ones((10, 10, 3))
     image[2:5, 3:8] = (0.2, 0.5, 0.9)
     expected = np.zeros((10, 10), bool)

@@ -8,18 +8,17 @@ from threestudio_mv.data.procedural import (
     NAMED_COLOURS,
     OBJECTS,
     SHAPES,
-    Light,
     asset_mesh,
     nearest_colour_name,
-    orbit_cameras,
     parse_caption,
     render_views,
 )
 from threestudio_mv.utils import camera
+from threestudio_mv.utils.camera import CameraLight, view_group
 
 
 def test_outputs_shapes_ranges_and_background() -> None:
-    cameras = orbit_cameras(3)
+    cameras = view_group(3)
     out = render_views(parse_caption("a blue mug"), cameras["c2w"], cameras["fovy"], 32, background=(0.0, 0.5, 0.0))
     assert out["rgb"].shape == (3, 32, 32, 3) and out["normal"].shape == (3, 32, 32, 3)
     assert out["alpha"].shape == out["depth"].shape == (3, 32, 32)
@@ -33,7 +32,7 @@ def test_outputs_shapes_ranges_and_background() -> None:
 
 
 def test_depth_and_normal_of_a_sphere() -> None:
-    cameras = orbit_cameras(1, elevation=20.0)
+    cameras = view_group(1, elevation=20.0)
     out = render_views(parse_caption("a red sphere"), cameras["c2w"], cameras["fovy"], 64)
     distance = float(cameras["camera_distances"][0])
     centre = out["depth"][0, 31:33, 31:33].mean()
@@ -43,9 +42,9 @@ def test_depth_and_normal_of_a_sphere() -> None:
 
 
 def test_ambient_only_light_gives_albedo_and_default_light_stays_close() -> None:
-    cameras = orbit_cameras(1)
+    cameras = view_group(1)
     asset = parse_caption("a purple cube")
-    flat = render_views(asset, cameras["c2w"], cameras["fovy"], 32, light=Light(ambient=1.0, diffuse=0.0))
+    flat = render_views(asset, cameras["c2w"], cameras["fovy"], 32, light=CameraLight(ambient_ratio=1.0))
     inside = flat["alpha"][0] == 1
     assert torch.allclose(flat["rgb"][0][inside], torch.tensor(NAMED_COLOURS["purple"]), atol=1e-5)
     lit = render_views(asset, cameras["c2w"], cameras["fovy"], 32)
@@ -54,7 +53,7 @@ def test_ambient_only_light_gives_albedo_and_default_light_stays_close() -> None
 
 
 def test_named_colours_are_recovered_from_renders() -> None:
-    cameras = orbit_cameras(2, elevation=20.0)
+    cameras = view_group(2, elevation=20.0)
     for colour in COLOUR_NAMES:
         out = render_views(parse_caption(f"a {colour} cube"), cameras["c2w"], cameras["fovy"], 32)
         pixels = out["rgb"][out["alpha"] == 1]
@@ -66,7 +65,7 @@ def test_named_colours_are_recovered_from_renders() -> None:
 )
 def test_front_faces_plus_x(caption: str, detail: str) -> None:
     """The duck's beak and the house's door show from the front (azimuth 0), not from the back."""
-    cameras = orbit_cameras(2)  # azimuth 0 and 180
+    cameras = view_group(2)  # azimuth 0 and 180
     out = render_views(parse_caption(caption), cameras["c2w"], cameras["fovy"], 64)
     pixels = out["rgb_fg"][out["alpha"] > 0.99]
     view = torch.arange(2)[:, None, None].expand(2, 64, 64)[out["alpha"] > 0.99]
@@ -113,7 +112,7 @@ def _mesh_silhouette(mesh, c2w: torch.Tensor, fovy: float, size: int) -> np.ndar
 def test_mesh_silhouette_matches_rendered_alpha(caption: str) -> None:
     asset = parse_caption(caption)
     mesh = asset_mesh(asset, resolution=80)
-    cameras = orbit_cameras(2, elevation=20.0, azimuth_start=30.0)
+    cameras = view_group(2, elevation=20.0, azimuth_start=30.0)
     out = render_views(asset, cameras["c2w"], cameras["fovy"], 64)
     for view in range(2):
         rendered = out["alpha"][view].numpy() >= 0.5

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import threestudio_mv
-from threestudio_mv.models.renderers.nerf_volume_renderer import ray_box_intersection
+from threestudio_mv.utils.camera import ray_box_intersection
 from threestudio_mv.utils import camera
 from threestudio_mv.utils.errors import UserError
 
@@ -52,7 +52,7 @@ def sphere_hit_distance(rays_o, rays_d, radius):
 def test_ray_box_intersection():
     rays_o = torch.tensor([[3.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     rays_d = torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    near, far, hit = ray_box_intersection(rays_o, rays_d, 1.0)
+    near, far, hit = ray_box_intersection(rays_o, rays_d, -1.0, 1.0)
     assert hit.tolist() == [True, False, True]
     torch.testing.assert_close(near, torch.tensor([2.0, 0.0, 0.0]))
     torch.testing.assert_close(far, torch.tensor([4.0, 0.0, 1.0]))

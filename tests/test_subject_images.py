@@ -9,7 +9,8 @@ import torch
 import trimesh
 from PIL import Image
 
-from threestudio_mv.data.procedural import orbit_cameras, parse_caption, render_views
+from threestudio_mv.data.procedural import parse_caption, render_views
+from threestudio_mv.utils.camera import view_group
 from threestudio_mv.data.subject_images import SubjectImagesDataModule, group_views, mask_plain_background
 from threestudio_mv.utils.camera import spherical_from_position
 from threestudio_mv.utils.errors import UserError
@@ -20,7 +21,7 @@ CAPTION = "a red cube on top of a blue cylinder"
 
 def write_views(folder: Path, n_views: int = 8, size: int = 32, rgba: bool = True, posed: bool = False) -> dict:
     """Renders of a procedural asset; RGBA PNGs, or RGB on white (the same pixels composited)."""
-    cameras = orbit_cameras(n_views, elevation=15.0, fovy=40.0)
+    cameras = view_group(n_views, elevation=15.0, fovy=40.0)
     views = render_views(parse_caption(CAPTION), cameras["c2w"], cameras["fovy"], size)
     folder.mkdir(parents=True, exist_ok=True)
     frames = []
@@ -110,8 +111,8 @@ def test_posed_views_form_groups_of_four(tmp_path: Path) -> None:
 
 
 def test_views_without_partners_stay_single() -> None:
-    cameras = orbit_cameras(4, elevation=10.0)
-    odd = orbit_cameras(1, elevation=25.0, azimuth_start=45.0)
+    cameras = view_group(4, elevation=10.0)
+    odd = view_group(1, elevation=25.0, azimuth_start=45.0)
     groups, singles = group_views(torch.cat([cameras["c2w"], odd["c2w"]]), 10.0)
     assert groups == [[0, 1, 2, 3]] and singles == [4]
     groups, singles = group_views(cameras["c2w"][:3], 10.0)

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from threestudio_mv.data.procedural.render import Light, resolve_supersamples
+from threestudio_mv.data.procedural.render import resolve_supersamples
 from threestudio_mv.utils.rasterize import rasterize_triangles_2d
 from threestudio_mv.utils import camera
+from threestudio_mv.utils.camera import CameraLight
 from threestudio_mv.utils.errors import UserError
 
 MESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".stl", ".off")
@@ -98,7 +99,7 @@ def load_subject_mesh(path: Path, up_axis: str = "+z", colour: Sequence[float] =
 
 def _render_view(
     vertices: Tensor, faces: Tensor, colours: Tensor, normals: Tensor, c2w: Tensor, fovy: Tensor,
-    resolution: int, light: Light,
+    resolution: int, light: CameraLight,
 ) -> Tuple[Tensor, Tensor]:
     """One camera at ``resolution``^2 sub-pixels: hit mask (R, R) and shaded colour (R, R, 3)."""
     projected = camera.project_points(vertices, c2w, fovy, resolution, resolution)
@@ -139,7 +140,7 @@ def render_mesh(
     fovy: Tensor,
     size: int,
     background: Sequence[float] = (1.0, 1.0, 1.0),
-    light: Optional[Light] = None,
+    light: Optional[CameraLight] = None,
     supersample: int = 2,
 ) -> Dict[str, Tensor]:
     """Render a vertex-coloured mesh from cameras c2w (B, 4, 4) with vertical FOV ``fovy`` (B,) degrees.
@@ -147,7 +148,7 @@ def render_mesh(
     Returns (B, S, S, ...) float tensors on the CPU, as the procedural renderer: ``rgb`` composited
     over ``background``, ``rgb_fg`` straight colour (0 where empty) and ``alpha`` coverage.
     """
-    light = light or Light()
+    light = light or CameraLight()
     vertices = torch.from_numpy(np.asarray(mesh.vertices, dtype=np.float32))
     faces = torch.from_numpy(np.asarray(mesh.faces, dtype=np.int64))
     colours = torch.from_numpy(np.asarray(mesh.visual.vertex_colors[:, :3], dtype=np.float32) / 255.0)

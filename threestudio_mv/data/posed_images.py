@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from threestudio_mv import register
-from threestudio_mv.data.uncond import Batch, CameraBatchDataset, CameraDataLoaders, camera_batch, orbit_views
+from threestudio_mv.data.uncond import Batch, CameraBatchDataset, CameraDataLoaders, camera_batch
 from threestudio_mv.utils.base import Updateable
 from threestudio_mv.utils.camera import (
     CameraLight,
@@ -29,6 +29,7 @@ from threestudio_mv.utils.camera import (
     camera_ray_directions,
     fovy_from_fovx,
     spherical_from_position,
+    view_group,
 )
 from threestudio_mv.utils.config import parse_structured
 from threestudio_mv.utils.errors import UserError
@@ -355,7 +356,7 @@ class PosedImagesDataModule(CameraDataLoaders, pl.LightningDataModule, Updateabl
         if self.cfg.n_test_views < 1:
             raise UserError(f"config key 'data.n_test_views' must be >= 1, got {self.cfg.n_test_views}")
         camera = self.eval_camera()
-        views = orbit_views(self.cfg.n_test_views, camera["elevation"], camera["distance"], camera["fovy"])
+        views = view_group(self.cfg.n_test_views, camera["elevation"], fovy=camera["fovy"], distance=camera["distance"])
         lights = lighting(views["c2w"], self.images.light, self.cfg.light_distance)
         batch = camera_batch(
             light_positions=lights.pop("light_positions"),

@@ -20,7 +20,6 @@ from threestudio_mv import register
 from threestudio_mv.utils.base import Updateable
 from threestudio_mv.utils.camera import (
     CameraLight,
-    c2w_from_spherical,
     camera_light_positions,
     camera_ray_directions,
     distance_for_fovy,
@@ -28,7 +27,8 @@ from threestudio_mv.utils.camera import (
     mvp_matrix,
     sample_light_positions,
     sample_view_groups,
-    view_azimuths,
+    view_group,
+    wrap_degrees,
 )
 from threestudio_mv.utils.config import parse_structured
 from threestudio_mv.utils.errors import UserError
@@ -79,31 +79,6 @@ def light_with_camera_light(batch: Batch, light: Optional[CameraLight]) -> Batch
         return batch
     positions = camera_light_positions(batch["c2w"], light)
     return {**batch, "light_positions": positions, "ambient_ratio": float(light.ambient_ratio)}
-
-
-def wrap_azimuth(azimuth: Tensor) -> Tensor:
-    """Azimuths (degrees) into [-180, 180), the range the training sampler uses."""
-    return (azimuth + 180.0) % 360.0 - 180.0
-
-
-def orbit_views(
-    n_views: int,
-    elevation: float,
-    distance: float,
-    fovy: float,
-    azimuth_start: float = 0.0,
-) -> Dict[str, Tensor]:
-    """``n_views`` cameras evenly spaced in azimuth from ``azimuth_start`` at a fixed elevation/distance."""
-    azimuth = wrap_azimuth(view_azimuths(n_views, azimuth_start))
-    elevations = torch.full((n_views,), float(elevation))
-    distances = torch.full((n_views,), float(distance))
-    return {
-        "elevation": elevations,
-        "azimuth": azimuth,
-        "camera_distances": distances,
-        "fovy": torch.full((n_views,), float(fovy)),
-        "c2w": c2w_from_spherical(elevations, azimuth, distances),
-    }
 
 
 class CameraBatchDataset(Dataset):
@@ -308,7 +283,8 @@ class RandomMultiviewCameraDataModule(CameraDataLoaders, pl.LightningDataModule,
         distance = cfg.eval_camera_distance
         if cfg.relative_radius:
             distance = float(distance_for_fovy(torch.tensor(distance), torch.tensor(cfg.eval_fovy_deg)))
-        views = orbit_views(n_views, cfg.eval_elevation_deg, distance, cfg.eval_fovy_deg)
+        views = view_group(n_views, cfg.eval_elevation_deg, fovy=cfg.eval_fovy_deg, distance=distance)
+        views["azimuth"] = wrap_degrees(views["azimuth"])  # the training sampler's range
         # Evaluation lights the object from the camera: deterministic, and what a viewer expects.
         lights = sample_light_positions(views["c2w"][:, :3, 3], strategy="camera")
         batch = camera_batch(light_positions=lights, height=cfg.eval_height, width=cfg.eval_width, n_view=n_views, **views)

@@ -328,15 +328,6 @@ def surface_colour_error(
     return float(delta.mean())
 
 
-def nearest_colour_name(rgb: ArrayLike, palette: Dict[str, ArrayLike]) -> str:
-    """The palette name (name -> sRGB in [0, 1]) closest to ``rgb`` in CIELAB (delta-E 76)."""
-    names = list(palette)
-    colours = np.stack([_numpy(palette[name]).reshape(3) for name in names])
-    query = rgb2lab(np.clip(_numpy(rgb).reshape(1, 1, 3), 0, 1))
-    distances = deltaE_cie76(query, rgb2lab(np.clip(colours[None], 0, 1)))
-    return names[int(np.argmin(distances))]
-
-
 # ----------------------------------------------------------------------------------------- images
 def _image(value: ArrayLike) -> np.ndarray:
     return np.clip(_numpy(value).astype(np.float64), 0.0, 1.0)

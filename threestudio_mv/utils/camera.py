@@ -6,7 +6,7 @@ counter-clockwise seen from +z, elevation is positive above the equator. Angles 
 Pixel (row i, column j) has its centre at (j + 0.5, i + 0.5); row 0 is the top of the image.
 """
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -122,6 +122,11 @@ def project_points(points: Tensor, c2w: Tensor, fovy: Tensor, height: int, width
     return torch.stack([col, row, depth], dim=-1)
 
 
+def wrap_degrees(angle: Tensor) -> Tensor:
+    """Angles (degrees) into [-180, 180), the range the training camera sampler returns azimuths in."""
+    return (angle + 180.0) % 360.0 - 180.0
+
+
 def view_azimuths(n_view: int, azimuth_start: Number = 0.0) -> Tensor:
     """Azimuths of ``n_view`` views of one object, 360/n_view apart, starting at ``azimuth_start``."""
     start = _as_tensor(azimuth_start)
@@ -167,7 +172,7 @@ def sample_view_groups(
         distance = distance_for_fovy(distance, fovy)
     start = uniform(-180.0, 180.0)
     offsets = torch.arange(n_view, dtype=torch.float32) * (360.0 / n_view)
-    azimuth = (start[:, None] + offsets[None, :] + 180.0) % 360.0 - 180.0
+    azimuth = wrap_degrees(start[:, None] + offsets[None, :])
     per_view = lambda x: x[:, None].expand(n_groups, n_view).reshape(-1)  # noqa: E731
     elevation, fovy, distance, azimuth = per_view(elevation), per_view(fovy), per_view(distance), azimuth.reshape(-1)
     return {
@@ -185,17 +190,22 @@ def view_group(
     azimuth_start: float = 0.0,
     fovy: float = 40.0,
     relative_distance: float = 0.92,
+    distance: Optional[float] = None,
 ) -> dict:
-    """One object's ``n_view`` views 360/n_view apart at a fixed elevation and FOV (sampling, eval).
+    """One object's ``n_view`` views 360/n_view apart at a fixed elevation and FOV (sampling, eval,
+    turntables): the one orbit of the package.
 
     The distance is ``relative_distance / tan(fovy / 2)`` as in :func:`sample_view_groups`, so the
-    object is framed as in training. Returns (n_view,) ``elevation``, ``azimuth``,
-    ``camera_distances``, ``fovy`` and (n_view, 4, 4) ``c2w``.
+    object is framed as in training, unless ``distance`` is given. Returns (n_view,) ``elevation``,
+    ``azimuth`` (degrees from ``azimuth_start`` on), ``camera_distances``, ``fovy`` and (n_view, 4, 4) ``c2w``.
     """
     azimuth = view_azimuths(n_view, azimuth_start)
     elevations = torch.full((n_view,), float(elevation))
     fovys = torch.full((n_view,), float(fovy))
-    distances = distance_for_fovy(torch.full((n_view,), float(relative_distance)), fovys)
+    if distance is None:
+        distances = distance_for_fovy(torch.full((n_view,), float(relative_distance)), fovys)
+    else:
+        distances = torch.full((n_view,), float(distance))
     return {
         "elevation": elevations,
         "azimuth": azimuth,
@@ -205,12 +215,25 @@ def view_group(
     }
 
 
+def ray_box_intersection(rays_o: Tensor, rays_d: Tensor, lo: Union[Tensor, float], hi: Union[Tensor, float]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Entry and exit distances of rays (N, 3) through the box [lo, hi] (slab method; scalars or (3,)).
+
+    Returns near (N,), far (N,) (near >= 0) and hit (N,) bool; misses get near = far = 0.
+    """
+    inv_d = 1.0 / torch.where(rays_d.abs() < 1e-10, torch.full_like(rays_d, 1e-10), rays_d)
+    t0, t1 = (lo - rays_o) * inv_d, (hi - rays_o) * inv_d
+    near = torch.minimum(t0, t1).amax(dim=-1).clamp(min=0.0)
+    far = torch.maximum(t0, t1).amin(dim=-1)
+    hit = far > near
+    return torch.where(hit, near, 0.0), torch.where(hit, far, 0.0), hit
+
+
 def spherical_from_position(position: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Inverse of :func:`spherical_to_position`: (B, 3) -> (B,) elevation, azimuth in [-180, 180), distance."""
     distance = position.norm(dim=-1)
     elevation = torch.rad2deg(torch.asin((position[:, 2] / distance.clamp_min(1e-12)).clamp(-1.0, 1.0)))
     azimuth = torch.rad2deg(torch.atan2(position[:, 1], position[:, 0]))
-    azimuth = (azimuth + 180.0) % 360.0 - 180.0
+    azimuth = wrap_degrees(azimuth)
     return elevation, azimuth, distance
 
 
@@ -225,20 +248,28 @@ def fovy_from_fovx(fovx: Number, width: int, height: int) -> Tensor:
 CAMERA_LIGHT_DISTANCE = 100.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class CameraLight:
-    """A directional light fixed in the camera frame, as the procedural renders are lit:
-    ``direction_camera`` (x right, y up, z towards the viewer; from the surface to the light) and
-    ``ambient_ratio`` (ambient = ratio, diffuse = 1 - ratio). Shading materials lit by it recover the
-    unlit albedo of images rendered with it."""
+    """A directional light fixed in the camera frame, as the procedural renders are lit (the default
+    is their light): ``direction_camera`` (x right, y up, z towards the viewer; from the surface to the
+    light) and ``ambient_ratio`` (ambient = ratio, diffuse = 1 - ratio). Shading materials lit by it
+    recover the unlit albedo of images rendered with it."""
 
-    direction_camera: Tuple[float, float, float]
-    ambient_ratio: float
+    direction_camera: Tuple[float, float, float] = (0.45, 0.75, 1.0)
+    ambient_ratio: float = 0.55
 
     @property
     def is_valid(self) -> bool:
         """A non-zero direction and an ambient ratio in [0, 1]."""
         return any(v != 0 for v in self.direction_camera) and 0.0 <= self.ambient_ratio <= 1.0
+
+    def shade(self, normals: Tensor, camera_rotation: Tensor) -> Tensor:
+        """Lambert + ambient shade factor (N,) of world-space unit ``normals`` (N, 3) seen by cameras
+        whose c2w rotation is ``camera_rotation`` ((3, 3), or (N, 3, 3) one per normal)."""
+        direction = torch.nn.functional.normalize(torch.tensor(self.direction_camera, device=normals.device), dim=0)
+        light_world = camera_rotation @ direction
+        diffuse = (normals * light_world).sum(dim=-1).clamp_min(0.0)
+        return self.ambient_ratio + (1.0 - self.ambient_ratio) * diffuse
 
 
 def camera_light_positions(c2w: Tensor, light: CameraLight) -> Tensor:
@@ -339,3 +370,27 @@ def apply_homography(H: Tensor, points: Tensor) -> Tuple[Tensor, Tensor]:
     depth = homogeneous[..., 2]
     mapped = homogeneous[..., :2] / torch.where(depth.abs() < 1e-9, torch.full_like(depth, 1e-9), depth)[..., None]
     return mapped, depth > 0
+
+
+# --- Novel-view synthesis (MVGenMaster): cameras relative to a reference, Plucker rays ------------
+
+
+def relative_cameras(c2w: Tensor, reference: Tensor, longest_side: float = 5.0) -> Tuple[Tensor, float]:
+    """Cameras ``c2w`` (B, 4, 4) re-expressed in the frame of the ``reference`` camera (4, 4), the
+    translations scaled by ``scale`` so that the bounding box of the camera centres has its longest
+    side at most ``longest_side`` (MVGenMaster's normalisation; boxes already smaller are kept).
+    Returns (relative c2w (B, 4, 4), scale); world points map by ``scale * inv(reference) @ x``."""
+    relative = torch.linalg.inv(reference.float())[None] @ c2w.float()
+    centres = relative[:, :3, 3]
+    extent = float((centres.max(dim=0).values - centres.min(dim=0).values).max()) if c2w.shape[0] > 1 else 0.0
+    scale = min(1.0, longest_side / extent) if extent > 0 else 1.0
+    relative[:, :3, 3] = relative[:, :3, 3] * scale
+    return relative, scale
+
+
+def plucker_rays(c2w: Tensor, fovy: Tensor, height: int, width: int) -> Tensor:
+    """Per-pixel Plucker coordinates (B, 6, H, W) of cameras c2w (B, 4, 4), fovy (B,) degrees:
+    the unit ray direction d and the moment o x d, through the pixel centres."""
+    rays_o, rays_d = get_rays(camera_ray_directions(height, width, fovy), c2w.float())
+    moment = torch.linalg.cross(rays_o, rays_d, dim=-1)
+    return torch.cat([rays_d, moment], dim=-1).permute(0, 3, 1, 2).contiguous()

@@ -40,19 +40,17 @@ from threestudio_mv.data.procedural.assets import OBJECTS, SHAPES, Asset
 from threestudio_mv.data.procedural.captions import is_held_out, parse_caption, vocabulary
 from threestudio_mv.data.procedural.colours import COLOUR_NAMES, NAMED_COLOURS, nearest_colour_name
 from threestudio_mv.data.procedural.mesh import asset_mesh
-from threestudio_mv.data.procedural.render import Light, orbit_cameras, render_views
+from threestudio_mv.data.procedural.render import render_views
 
 __all__ = [
     "Asset",
     "COLOUR_NAMES",
-    "Light",
     "NAMED_COLOURS",
     "OBJECTS",
     "SHAPES",
     "asset_mesh",
     "is_held_out",
     "nearest_colour_name",
-    "orbit_cameras",
     "parse_caption",
     "render_views",
     "vocabulary",

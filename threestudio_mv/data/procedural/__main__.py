@@ -49,17 +49,16 @@ def _vocab(args: argparse.Namespace) -> None:
 def _render(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from threestudio_mv.data.procedural import Light, orbit_cameras, parse_caption, render_views
+    from threestudio_mv.data.procedural import parse_caption, render_views
+    from threestudio_mv.utils.camera import CameraLight, view_group
     from threestudio_mv.utils.io import save_image, save_json
 
     asset = parse_caption(args.prompt)
-    light = Light()
-    if abs(light.ambient + light.diffuse - 1.0) > 1e-6:  # transforms.json records one ratio
-        raise ValueError("the procedural light's ambient and diffuse must sum to 1")
+    light = CameraLight()
     if args.views < 1 or args.size < 1:
         raise UserError("--views and --size must be positive")
     out = Path(args.out)
-    cameras = orbit_cameras(args.views, args.elevation, args.fovy, args.distance)
+    cameras = view_group(args.views, args.elevation, fovy=args.fovy, relative_distance=args.distance)
     frames = []
     for i in tqdm(range(args.views), desc="rendering", unit="view"):
         view = render_views(asset, cameras["c2w"][i : i + 1], cameras["fovy"][i : i + 1], args.size, light=light)
@@ -90,7 +89,7 @@ def _render(args: argparse.Namespace) -> None:
             "rgb": "RGBA PNG, straight alpha, composite over any background (rendered over white)",
             "depth": "float32 .npy (H, W): z-depth along the camera's viewing axis in world units, 0 = background",
             # The renderer's light: fixed in the camera frame; shade = ambient + diffuse * max(0, n.l).
-            "light": {"direction_camera": list(light.direction), "ambient_ratio": light.ambient},
+            "light": {"direction_camera": list(light.direction_camera), "ambient_ratio": light.ambient_ratio},
             "frames": frames,
         },
     )
@@ -123,10 +122,11 @@ def _dataset(args: argparse.Namespace) -> None:
 def _sheet(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from threestudio_mv.data.procedural import Light, orbit_cameras, parse_caption, render_views
+    from threestudio_mv.data.procedural import parse_caption, render_views
+    from threestudio_mv.utils.camera import view_group
     from threestudio_mv.utils.io import image_grid, save_image
 
-    cameras = orbit_cameras(args.views, args.elevation)
+    cameras = view_group(args.views, args.elevation)
     per_row = 3
     renders = []
     for caption in tqdm(SHEET_CAPTIONS, desc="rendering", unit="asset"):

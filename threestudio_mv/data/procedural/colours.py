@@ -5,7 +5,7 @@ white and gray), so that a colour can be recovered from a shaded render by neare
 an off-white (0.92) and black a dark gray (0.12): both still show shading against a white background.
 """
 import functools
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,8 +37,13 @@ def colour_lab() -> np.ndarray:
     return rgb2lab(np.array([NAMED_COLOURS[name] for name in COLOUR_NAMES])[None])[0]
 
 
-def nearest_colour_name(rgb: Union[Sequence[float], np.ndarray, torch.Tensor], lightness_weight: float = 1.0) -> str:
-    """The named colour nearest (CIELAB, CIE76) to one RGB colour in [0, 1].
+def nearest_colour_name(
+    rgb: Union[Sequence[float], np.ndarray, torch.Tensor],
+    lightness_weight: float = 1.0,
+    palette: Optional[Dict[str, Sequence[float]]] = None,
+) -> str:
+    """The name of the colour nearest (CIELAB, CIE76) to one RGB colour in [0, 1]: among the named
+    colours, or among ``palette`` (name -> RGB in [0, 1]) when given.
 
     ``lightness_weight`` < 1 discounts the L axis, which makes the choice more robust to shading.
     """
@@ -47,6 +52,12 @@ def nearest_colour_name(rgb: Union[Sequence[float], np.ndarray, torch.Tensor], l
     if isinstance(rgb, torch.Tensor):
         rgb = rgb.detach().cpu().numpy()
     lab = rgb2lab(np.clip(np.asarray(rgb, dtype=np.float64).reshape(1, 1, 3), 0.0, 1.0))[0, 0]
+    if palette is None:
+        names, table = COLOUR_NAMES, colour_lab()
+    else:
+        names = tuple(palette)
+        colours = np.stack([np.asarray(palette[name], dtype=np.float64).reshape(3) for name in names])
+        table = rgb2lab(np.clip(colours, 0.0, 1.0)[None])[0]
     weights = np.array([lightness_weight, 1.0, 1.0])
-    distances = np.linalg.norm((colour_lab() - lab) * weights, axis=-1)
-    return COLOUR_NAMES[int(distances.argmin())]
+    distances = np.linalg.norm((table - lab) * weights, axis=-1)
+    return names[int(distances.argmin())]

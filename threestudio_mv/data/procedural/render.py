@@ -10,7 +10,6 @@ Lambertian with an ambient term and a light fixed relative to the camera; anti-a
 Written here rather than with a rasteriser library: SDFs (with CSG) render directly by sphere
 tracing, with no mesh extraction, and no such library with CPU support is among our dependencies.
 """
-from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -18,63 +17,13 @@ from torch import Tensor
 
 from threestudio_mv.data.procedural.assets import Asset
 from threestudio_mv.utils import camera
+from threestudio_mv.utils.camera import CameraLight
 
 # Tetrahedral finite-difference stencil for normals (4 SDF evaluations instead of 6).
 _TETRAHEDRON = ((1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (-1.0, 1.0, -1.0), (1.0, 1.0, 1.0))
 _NORMAL_STEP = 1e-3
 _BOX_PADDING = 0.02
 _MAX_RAYS_PER_CHUNK = 1 << 18
-
-
-@dataclass(frozen=True)
-class Light:
-    """Lambert + ambient shading. ``direction`` points from the surface towards the light, in the
-    camera frame (x right, y up, z towards the viewer), so the light follows the camera."""
-
-    ambient: float = 0.55
-    diffuse: float = 0.45
-    direction: Tuple[float, float, float] = (0.45, 0.75, 1.0)
-
-    def shade(self, normals: Tensor, camera_rotation: Tensor) -> Tensor:
-        """Shade factor (N,) of world-space unit ``normals`` (N, 3) seen by cameras whose c2w
-        rotation is ``camera_rotation`` ((3, 3), or (N, 3, 3) one per normal)."""
-        direction = torch.nn.functional.normalize(torch.tensor(self.direction, device=normals.device), dim=0)
-        light_world = camera_rotation @ direction
-        return self.ambient + self.diffuse * (normals * light_world).sum(dim=-1).clamp_min(0.0)
-
-
-def orbit_cameras(
-    n_views: int,
-    elevation: float = 15.0,
-    fovy: float = 40.0,
-    relative_distance: float = 0.92,
-    azimuth_start: float = 0.0,
-) -> Dict[str, Tensor]:
-    """``n_views`` cameras evenly spaced in azimuth from ``azimuth_start`` (0 = front, +x).
-
-    The distance is ``relative_distance / tan(fovy / 2)`` (framing independent of the FOV).
-    Returns (B,) ``elevation``, ``azimuth``, ``camera_distances``, ``fovy`` and (B, 4, 4) ``c2w``.
-    """
-    azimuth = camera.view_azimuths(n_views, azimuth_start)
-    elevations = torch.full((n_views,), float(elevation))
-    fovys = torch.full((n_views,), float(fovy))
-    distances = camera.distance_for_fovy(torch.full((n_views,), float(relative_distance)), fovys)
-    return {
-        "elevation": elevations,
-        "azimuth": azimuth,
-        "camera_distances": distances,
-        "fovy": fovys,
-        "c2w": camera.c2w_from_spherical(elevations, azimuth, distances),
-    }
-
-
-def _ray_box(rays_o: Tensor, rays_d: Tensor, lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
-    """Slab test: entry and exit distances of rays (N, 3) through the box [lo, hi]."""
-    inverse = 1.0 / torch.where(rays_d.abs() < 1e-9, torch.full_like(rays_d, 1e-9), rays_d)
-    t0, t1 = (lo - rays_o) * inverse, (hi - rays_o) * inverse
-    t_near = torch.minimum(t0, t1).max(dim=-1).values.clamp_min(0.0)
-    t_far = torch.maximum(t0, t1).min(dim=-1).values
-    return t_near, t_far
 
 
 def trace_rays(
@@ -87,7 +36,7 @@ def trace_rays(
     Returns hit (N,) bool and distance t (N,) along the ray (inf for misses).
     """
     lo, hi = (b.to(rays_o) for b in asset.bounds())
-    t_near, t_far = _ray_box(rays_o, rays_d, lo - _BOX_PADDING, hi + _BOX_PADDING)
+    t_near, t_far, _ = camera.ray_box_intersection(rays_o, rays_d, lo - _BOX_PADDING, hi + _BOX_PADDING)
     hit = torch.zeros(rays_o.shape[0], dtype=torch.bool, device=rays_o.device)
     t_hit = torch.full((rays_o.shape[0],), float("inf"), device=rays_o.device)
     index = torch.nonzero(t_far > t_near).squeeze(-1)
@@ -126,7 +75,7 @@ def surface_normals_and_parts(asset: Asset, points: Tensor) -> Tuple[Tensor, Ten
 
 
 def _render_chunk(
-    asset: Asset, c2w: Tensor, fovy: Tensor, resolution: int, light: Light, max_steps: int
+    asset: Asset, c2w: Tensor, fovy: Tensor, resolution: int, light: CameraLight, max_steps: int
 ) -> Dict[str, Tensor]:
     """Per-sub-pixel hit, straight colour, z-depth, normal and part for views (B, R, R)."""
     batch = c2w.shape[0]
@@ -188,7 +137,7 @@ def render_views(
     fovy: Tensor,
     size: int,
     background: Sequence[float] = (1.0, 1.0, 1.0),
-    light: Optional[Light] = None,
+    light: Optional[CameraLight] = None,
     supersample: int = 2,
     max_steps: int = 64,
 ) -> Dict[str, Tensor]:
@@ -200,7 +149,7 @@ def render_views(
     camera's view axis, mean over covered sub-pixels, 0 on background); ``normal`` (3) world-space unit
     normal (mean over covered sub-pixels, renormalised; 0 on background).
     """
-    light = light or Light()
+    light = light or CameraLight()
     c2w = c2w.float()
     fovy = torch.as_tensor(fovy, dtype=torch.float32, device=c2w.device).reshape(-1).expand(c2w.shape[0])
     resolution = size * supersample
@@ -221,7 +170,7 @@ def render_views(
 
 def part_coverage(asset: Asset, size: int = 32) -> Tensor:
     """Pixels (n_parts,) each part covers over four side views (azimuth 0/90/180/270, elevation 15)."""
-    cameras = orbit_cameras(4)
-    chunk = _render_chunk(asset, cameras["c2w"], cameras["fovy"], size, Light(), max_steps=64)
+    cameras = camera.view_group(4)
+    chunk = _render_chunk(asset, cameras["c2w"], cameras["fovy"], size, CameraLight(), max_steps=64)
     part = chunk["part"][chunk["hit"]]
     return torch.bincount(part, minlength=len(asset.parts)).float()

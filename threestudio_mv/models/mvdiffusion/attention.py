@@ -6,7 +6,7 @@ every view of its object. Cross-attention to the text and the feed-forward stay 
 ordinary 2D attention. F reaches the processors through ``cross_attention_kwargs={"num_views": F}``
 (diffusers forwards it to every processor, so every processor in the UNet accepts it).
 """
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -74,10 +74,17 @@ class MultiViewAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def multiview_processors(unet: torch.nn.Module) -> Dict[str, MultiViewAttnProcessor]:
-    """A processor dict for ``unet.set_attn_processor``: multi-view on attn1, per-view elsewhere."""
+def multiview_processors(
+    unet: torch.nn.Module, joined: Optional[Callable[[str], bool]] = None
+) -> Dict[str, MultiViewAttnProcessor]:
+    """A processor dict for ``unet.set_attn_processor``: multi-view on attn1, per-view elsewhere.
+
+    ``joined(name)`` (a predicate on the processor's name, e.g. ``"down_blocks.1.attentions.0.
+    transformer_blocks.0.attn1.processor"``) limits the joined attn1 to some levels (MVGenMaster and
+    MVDiffusion++ join frames only at the low resolutions); None joins every attn1.
+    """
     return {
-        name: MultiViewAttnProcessor(multiview=name.endswith("attn1.processor"))
+        name: MultiViewAttnProcessor(multiview=name.endswith("attn1.processor") and (joined is None or joined(name)))
         for name in unet.attn_processors
     }
 

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
@@ -41,6 +41,7 @@ from threestudio_mv.data.procedural import rooms
 from threestudio_mv.models.mvdiffusion.caa import CAAUNet
 from threestudio_mv.models.mvdiffusion.cfg import predict_noise_with_cfg
 from threestudio_mv.models.mvdiffusion.model import sd_scheduler_config
+from threestudio_mv.models.mvdiffusion.sampler import ddim_sample
 from threestudio_mv.models.mvdiffusion.text_encoders import TextEncoder, build_text_encoder
 from threestudio_mv.models.prompt_processors.cache import CachedTextEncoder
 from threestudio_mv.utils import camera
@@ -195,33 +196,26 @@ def sample_panorama(
     n_view, size = meta.n_view, meta.image_size
     groups = cond.shape[0]
     batch = groups * n_view
-    scheduler = DDIMScheduler.from_config(model.scheduler_config)
-    scheduler.set_timesteps(num_inference_steps or meta.num_inference_steps)
-    eta = meta.eta if eta is None else eta
     scale = meta.guidance_scale if guidance_scale is None else guidance_scale
     known = given_view * 2.0 - 1.0 if given_view is not None else None
     given = given_channels(known, batch, size, n_view)
-    shape = (batch, SAMPLE_CHANNELS, size, size)
-    sample = torch.randn(shape, generator=generator)
-    if meta.init_mean is not None:
-        alpha_bar = scheduler.alphas_cumprod[scheduler.timesteps[0]]
-        sample = alpha_bar.sqrt() * torch.tensor(meta.init_mean).view(1, -1, 1, 1) + (1.0 - alpha_bar).sqrt() * sample
-    known_noise = torch.randn(groups, SAMPLE_CHANNELS, size, size, generator=generator)
-    if known is not None:
-        sample[::n_view] = scheduler.add_noise(known, known_noise, scheduler.timesteps[:1].repeat(groups))
+    references = is_reference = None
+    if known is not None:  # view 0 of each panorama, re-imposed noised to each step's timestep
+        references = known.repeat_interleave(n_view, dim=0)
+        is_reference = torch.arange(batch) % n_view == 0
     cond = cond.repeat_interleave(n_view, dim=0)
+
+    def predict(sample: Tensor, timestep: Tensor) -> Tensor:
+        return predict_noise_with_cfg(model, sample, timestep, cond, uncond, given, n_view, scale)[0]
+
     model.net.enabled = use_caa
     try:
-        timesteps = list(scheduler.timesteps)
-        for index, timestep in enumerate(tqdm(timesteps, total=len(timesteps), desc="DDIM", disable=not progress)):
-            eps, _, _ = predict_noise_with_cfg(model, sample, timestep, cond, uncond, given, n_view, scale)
-            noise = torch.randn(shape, generator=generator) if eta > 0 else None
-            sample = scheduler.step(eps, timestep, sample, eta=eta, variance_noise=noise).prev_sample
-            if known is not None:
-                if index + 1 < len(timesteps):
-                    sample[::n_view] = scheduler.add_noise(known, known_noise, timesteps[index + 1].repeat(groups))
-                else:
-                    sample[::n_view] = known
+        sample = ddim_sample(
+            predict, (batch, SAMPLE_CHANNELS, size, size), model.scheduler_config,
+            num_inference_steps or meta.num_inference_steps, eta=meta.eta if eta is None else eta,
+            generator=generator, init_mean=meta.init_mean, references=references, is_reference=is_reference,
+            renoise_references=True, progress=progress,
+        )
     finally:
         model.net.enabled = True
     return ((sample + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -6,10 +6,10 @@ from typing import List, Optional, Union
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from threestudio_mv.models.mvdiffusion.cfg import anchor_background, eps_from_x0, predict_noise_with_cfg, x0_from_eps
+from threestudio_mv.models.mvdiffusion.cfg import predict_noise_with_cfg
 from threestudio_mv.models.mvdiffusion.model import MultiViewDiffusionModel
+from threestudio_mv.models.mvdiffusion.sampler import ddim_sample
 from threestudio_mv.utils.camera import mvdream_camera_condition, view_group
 from threestudio_mv.utils.errors import UserError
 
@@ -38,30 +38,20 @@ def sample_multiview(
     (:func:`~threestudio_mv.models.mvdiffusion.cfg.anchor_background`). Returns images (G*F, 3, H, W) in [0, 1].
     """
     device = model.device
-    batch = c2w.shape[0]
     camera = mvdream_camera_condition(c2w).to(device)
-    scheduler = model.ddim_scheduler()
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    shape = (batch, model.sample_channels, model.sample_size, model.sample_size)
-    sample = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
-    if model.metadata.init_mean is not None:
-        alpha_bar = scheduler.alphas_cumprod[scheduler.timesteps[0]].to(device)
-        mean = torch.tensor(model.metadata.init_mean, dtype=sample.dtype, device=device).view(1, -1, 1, 1)
-        sample = alpha_bar.sqrt() * mean + (1.0 - alpha_bar).sqrt() * sample
+    cond, uncond = cond_embeddings.to(device), uncond_embeddings.to(device)
+    shape = (c2w.shape[0], model.sample_channels, model.sample_size, model.sample_size)
     background = None
     if anchor and model.metadata.background is not None and not model.metadata.latent:
-        background = torch.tensor(model.metadata.background, dtype=sample.dtype, device=device) * 2.0 - 1.0
-    for timestep in tqdm(scheduler.timesteps, total=len(scheduler.timesteps), desc="DDIM", disable=not progress):
-        eps, _, _ = predict_noise_with_cfg(
-            model, sample, timestep, cond_embeddings.to(device), uncond_embeddings.to(device),
-            camera, num_views, guidance_scale,
-        )
-        if background is not None:
-            alpha_bar = scheduler.alphas_cumprod[timestep].to(device)
-            x0 = anchor_background(x0_from_eps(sample, eps, alpha_bar), background)
-            eps = eps_from_x0(sample, x0, alpha_bar)
-        noise = torch.randn(shape, generator=generator).to(device) if eta > 0 else None
-        sample = scheduler.step(eps, timestep, sample, eta=eta, variance_noise=noise).prev_sample
+        background = torch.tensor(model.metadata.background, device=device) * 2.0 - 1.0
+
+    def predict(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return predict_noise_with_cfg(model, sample, timestep, cond, uncond, camera, num_views, guidance_scale)[0]
+
+    sample = ddim_sample(
+        predict, shape, model.scheduler_config, num_inference_steps, eta=eta, generator=generator,
+        init_mean=model.metadata.init_mean, background=background, device=device, progress=progress,
+    )
     images = model.decode_samples(sample)
     return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 

@@ -20,7 +20,7 @@ Geometry, material and background belong to the system; the renderer keeps plain
 """
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 import threestudio_mv
 from threestudio_mv.utils.base import BaseModule
+from threestudio_mv.utils.camera import ray_box_intersection
 from threestudio_mv.utils.errors import UserError
 
 SAMPLERS = ("auto", "dense")
@@ -42,19 +43,6 @@ class _Parts:
     geometry: nn.Module
     material: nn.Module
     background: nn.Module
-
-
-def ray_box_intersection(rays_o: Tensor, rays_d: Tensor, radius: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Entry and exit distances of rays (N, 3) through [-radius, radius]^3 (slab method).
-
-    Returns near (N,), far (N,) (near >= 0) and hit (N,) bool; misses get near = far = 0.
-    """
-    inv_d = 1.0 / torch.where(rays_d.abs() < 1e-10, torch.full_like(rays_d, 1e-10), rays_d)
-    t0, t1 = (-radius - rays_o) * inv_d, (radius - rays_o) * inv_d
-    near = torch.minimum(t0, t1).amax(dim=-1).clamp(min=0.0)
-    far = torch.maximum(t0, t1).amin(dim=-1)
-    hit = far > near
-    return torch.where(hit, near, 0.0), torch.where(hit, far, 0.0), hit
 
 
 @threestudio_mv.register("nerf-volume-renderer")
@@ -301,7 +289,7 @@ class NeRFVolumeRenderer(BaseModule):
         import nerfacc  # its dense functions run on CPU (pure PyTorch)
 
         n_samples = self.cfg.num_samples_per_ray
-        near, far, hit = ray_box_intersection(rays_o, rays_d, self.radius)
+        near, far, hit = ray_box_intersection(rays_o, rays_d, -self.radius, self.radius)
         edges = torch.linspace(0.0, 1.0, n_samples + 1, device=rays_o.device)
         t_edges = near[:, None] + (far - near)[:, None] * edges  # (N, S + 1)
         t_starts, t_ends = t_edges[:, :-1], t_edges[:, 1:]
