@@ -125,3 +125,14 @@ def test_colour_names_and_foreground_masks() -> None:
     assert np.array_equal(foreground_mask(image), expected)
     rgba = np.concatenate([image, expected[..., None].astype(float)], axis=-1)
     assert np.array_equal(foreground_mask(rgba), expected)
+
+
+def test_foreground_mask_estimates_a_coloured_background_and_despeckles():
+    image = np.full((16, 16, 3), 0.5)  # gray background
+    image[4:12, 4:12] = (0.9, 0.1, 0.1)  # the object
+    image[1, 13] = (0.0, 0.0, 0.0)  # one speck
+    assert foreground_mask(image).all()  # against white, everything differs
+    estimated = foreground_mask(image, background=None)
+    assert estimated[4:12, 4:12].all() and estimated.sum() == 64 + 1
+    cleaned = foreground_mask(image, background=None, despeckle=True)
+    assert not cleaned[1, 13] and cleaned[5:11, 5:11].all()

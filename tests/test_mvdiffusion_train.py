@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from threestudio_mv.data.multiview_shards import ProceduralMultiviewDataModule
+from threestudio_mv.data.procedural.dataset import FORMAT
 from threestudio_mv.models.mvdiffusion.model import MultiViewDiffusionModel
-from threestudio_mv.systems.mvdiffusion_train import MVDiffusionTrainSystem, lr_factor
+from threestudio_mv.systems.mvdiffusion_train import MVDiffusionTrainSystem
 from threestudio_mv.utils.camera import mvdream_camera_condition, sample_view_groups
 from threestudio_mv.utils.errors import UserError
+from threestudio_mv.utils.trainer import warmup_cosine_factor as lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
@@ -39,9 +41,10 @@ def write_fake_dataset(root: Path, num_assets: int = 6, views: int = 8, size: in
     np.savez(
         root / "shard_00000.npz", rgba=rgba, c2w=per_view("c2w").astype(np.float32), fovy=per_view("fovy"),
         elevation=per_view("elevation"), azimuth=per_view("azimuth"), camera_distances=per_view("camera_distances"),
+        asset_index=np.arange(num_assets),
     )
     (root / "shard_00000.json").write_text(json.dumps(records))
-    (root / "meta.json").write_text(json.dumps({"num": num_assets, "views": views, "size": size}))
+    (root / "meta.json").write_text(json.dumps({"format": FORMAT, "num_shards": 1, "num": num_assets, "views": views, "size": size}))
     return root
 
 

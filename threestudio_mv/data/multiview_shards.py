@@ -6,7 +6,6 @@ distance, azimuths 90 degrees apart). A training batch is either ``batch_size`` 
 views (with cameras) or, with probability ``single_view_prob``, ``batch_size * n_view`` single views
 from random assets with no camera (F = 1, MVDream's 2D mode). Views of different objects never mix.
 """
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from threestudio_mv import register
+from threestudio_mv.data.procedural.dataset import ProceduralMultiviewDataset
 from threestudio_mv.utils.camera import mvdream_camera_condition, view_group
 from threestudio_mv.utils.config import parse_structured
 from threestudio_mv.utils.errors import UserError
@@ -26,27 +26,14 @@ class MultiviewShards:
     """All shards of a procedural dataset folder in memory: rgba (N, V, S, S, 4) uint8, cameras, texts."""
 
     def __init__(self, root: Path, group_size: int) -> None:
-        shard_paths = sorted(root.glob("shard_*.npz"))
-        if not root.is_dir() or not shard_paths:
-            raise UserError(
-                f"data.root '{root}' holds no shard_*.npz; write a dataset with "
-                "python -m threestudio_mv.data.procedural dataset --out DIR"
-            )
-        rgba, c2w, records = [], [], []
-        for path in shard_paths:
-            with np.load(path) as shard:
-                rgba.append(shard["rgba"])
-                c2w.append(shard["c2w"].astype(np.float32))
-            caption_path = path.with_suffix(".json")
-            if not caption_path.is_file():
-                raise UserError(f"data.root '{root}': {caption_path.name} is missing beside {path.name}")
-            records.extend(json.loads(caption_path.read_text()))
-        self.rgba = np.concatenate(rgba)
-        self.c2w = np.concatenate(c2w)
-        self.captions: List[str] = [record["caption"] for record in records]
-        self.paraphrases: List[List[str]] = [list(record.get("paraphrases", [])) for record in records]
-        if len(self.captions) != self.rgba.shape[0]:
-            raise UserError(f"data.root '{root}': {len(self.captions)} captions for {self.rgba.shape[0]} assets")
+        try:
+            dataset = ProceduralMultiviewDataset(root)  # the one reader of the shard format
+        except UserError as error:
+            raise UserError(f"data.root: {error}") from None
+        self.rgba = dataset.arrays["rgba"].numpy()
+        self.c2w = dataset.arrays["c2w"].numpy().astype(np.float32)
+        self.captions: List[str] = dataset.captions
+        self.paraphrases: List[List[str]] = [list(record.get("paraphrases", [])) for record in dataset.records]
         self.num_assets, self.num_views_per_asset = self.rgba.shape[:2]
         if self.num_views_per_asset % group_size != 0:
             raise UserError(f"data.n_view={group_size} does not divide the dataset's {self.num_views_per_asset} views per asset")

@@ -15,6 +15,7 @@ import trimesh
 from scipy.spatial import cKDTree
 from skimage.color import deltaE_cie76, rgb2lab
 
+from threestudio_mv.data.foreground import border_pixels
 from threestudio_mv.models.exporters.mesh_exporter import WORLD_TO_GLTF
 from threestudio_mv.utils.rasterize import rasterize_triangles_2d
 
@@ -359,16 +360,31 @@ def silhouette_iou(mask_a: ArrayLike, mask_b: ArrayLike) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
-def foreground_mask(image: ArrayLike, background: Sequence[float] = (1.0, 1.0, 1.0), threshold: float = 0.1) -> np.ndarray:
-    """Pixels of an (H, W, 3|4) image on a plain background that differ from it: bool (H, W).
+def foreground_mask(
+    image: ArrayLike, background: Optional[Sequence[float]] = (1.0, 1.0, 1.0), threshold: float = 0.1, despeckle: bool = False
+) -> np.ndarray:
+    """Pixels of an (H, W, 3|4) image (floats in [0, 1]) on a plain background that differ from it:
+    bool (H, W). The one foreground rule of the evaluations.
 
     RGBA images use alpha > 0.5; otherwise a pixel is foreground when some channel differs from
-    ``background`` by more than ``threshold``.
+    ``background`` by more than ``threshold``; ``background`` None estimates it as the median of the
+    border pixels (a generated view's background need not be white). ``despeckle`` applies a 3x3
+    median filter, which removes isolated speckle.
     """
-    array = _numpy(image)
+    array = _numpy(image).astype(np.float64)
     if array.shape[-1] == 4:
         return array[..., 3] > 0.5
-    return np.abs(array[..., :3] - np.asarray(background, dtype=array.dtype)).max(axis=-1) > threshold
+    rgb = array[..., :3]
+    if background is None:
+        colour = np.median(border_pixels(rgb, width=1), axis=0)
+    else:
+        colour = np.asarray(background, dtype=np.float64)
+    mask = np.abs(rgb - colour).max(axis=-1) > threshold
+    if despeckle:
+        from scipy.ndimage import median_filter
+
+        mask = median_filter(mask.astype(np.uint8), size=3, mode="constant").astype(bool)
+    return mask
 
 
 # ----------------------------------------------------------------------------------------- loading

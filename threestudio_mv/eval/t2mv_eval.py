@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from threestudio_mv.eval.metrics import foreground_mask, silhouette_iou
 from threestudio_mv.t2mv import check_eta
 from threestudio_mv.utils.camera import project_points
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
@@ -55,30 +56,6 @@ def spread_captions(captions: Sequence[str], count: int) -> List[str]:
         return list(captions)
     indices = np.linspace(0, len(captions) - 1, count).round().astype(int)
     return [captions[i] for i in indices]
-
-
-def foreground(images: np.ndarray) -> np.ndarray:
-    """(..., H, W, 3) uint8 on white -> bool foreground masks (..., H, W)."""
-    return (255 - images.astype(np.int32)).max(axis=-1) > FOREGROUND_THRESHOLD * 255
-
-
-def foreground_estimated_background(images: np.ndarray) -> np.ndarray:
-    """(V, H, W, 3) uint8 -> bool masks (V, H, W): pixels away from each view's border median colour,
-    3x3-median filtered (removes isolated speckle)."""
-    from scipy.ndimage import median_filter
-
-    masks = []
-    for image in images.astype(np.int32):
-        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-        background = np.median(border, axis=0)
-        mask = np.abs(image - background).max(axis=-1) > FOREGROUND_THRESHOLD * 255
-        masks.append(median_filter(mask.astype(np.uint8), size=3, mode="constant").astype(bool))
-    return np.stack(masks)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def dominant_colour_name(images: np.ndarray, masks: np.ndarray) -> Optional[str]:
@@ -116,7 +93,7 @@ def visual_hull_consistency(masks: np.ndarray, c2w: torch.Tensor, fovy: torch.Te
     for view, (rows, cols, _) in enumerate(pixels):
         hull = np.zeros((height, width), dtype=bool)
         hull[rows[keep].numpy(), cols[keep].numpy()] = True
-        scores.append(iou(hull, masks[view]))
+        scores.append(silhouette_iou(hull, masks[view]))
     return float(np.mean(scores))
 
 
@@ -181,12 +158,12 @@ def evaluate_captions(
             reliance = camera_reliance(model, cond[index : index + 1], truth["rgb"].permute(0, 3, 1, 2), c2w, seed)
             true_rgb = (truth["rgb"].numpy() * 255.0 + 0.5).astype(np.uint8)
             true_masks = truth["alpha"].numpy() > 0.5
-            white_masks = foreground(generated)
-            masks = foreground_estimated_background(generated)
+            white_masks = np.stack([foreground_mask(view / 255.0, threshold=FOREGROUND_THRESHOLD) for view in generated])
+            masks = np.stack([foreground_mask(view / 255.0, None, FOREGROUND_THRESHOLD, despeckle=True) for view in generated])
             rows.append({
                 "caption": caption,
-                "silhouette_iou": float(np.mean([iou(m, t) for m, t in zip(white_masks, true_masks)])),
-                "silhouette_iou_estimated_bg": float(np.mean([iou(m, t) for m, t in zip(masks, true_masks)])),
+                "silhouette_iou": float(np.mean([silhouette_iou(m, t) for m, t in zip(white_masks, true_masks)])),
+                "silhouette_iou_estimated_bg": float(np.mean([silhouette_iou(m, t) for m, t in zip(masks, true_masks)])),
                 "colour": dominant_colour_name(generated, masks),
                 "gt_colour": dominant_colour_name(true_rgb, true_masks),
                 "true_colour": asset.dominant_colour,

@@ -6,14 +6,10 @@ text encoders run once per text (on-disk cache) and never enter the training gra
 saves a grid (captions x views) of DDIM samples from the EMA model; the EMA model folder is exported
 to ``<trial>/model/`` every ``export_every_n_steps`` and at the end.
 """
-import argparse
-import csv
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -25,8 +21,7 @@ from threestudio_mv.models.mvdiffusion.unet import build_unet, unet_config
 from threestudio_mv.models.prompt_processors.cache import CachedTextEncoder
 from threestudio_mv.models.mvdiffusion.text_encoders import TextEncoder, build_text_encoder
 from threestudio_mv.systems.base import BaseSystem, OptimizerConfig
-from threestudio_mv.utils.errors import UserError, exit_on_user_error
-from threestudio_mv.utils.io import save_image
+from threestudio_mv.utils.trainer import warmup_cosine_factor
 
 
 @dataclass
@@ -53,16 +48,6 @@ class NewModelConfig:
     num_inference_steps: int = 50
     eta: float = 1.0  # DDIM eta of the model's samplers (ModelMetadata.eta)
     description: str = ""
-
-
-def lr_factor(step: int, warmup_steps: int, decay_start_step: Optional[int], end_step: int, min_lr_ratio: float) -> float:
-    """Multiplier of the base lr at ``step``: linear warm-up over ``warmup_steps``, then constant, or
-    from ``decay_start_step`` a cosine down to ``min_lr_ratio`` at ``end_step`` (held after it)."""
-    factor = min(1.0, (step + 1) / max(1, warmup_steps))
-    if decay_start_step is not None and end_step > decay_start_step and step > decay_start_step:
-        progress = min(1.0, (step - decay_start_step) / (end_step - decay_start_step))
-        factor *= min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
 
 
 @register("mvdiffusion-train-system")
@@ -202,7 +187,7 @@ class MVDiffusionTrainSystem(BaseSystem):
         optimizer = super().configure_optimizers()
         cfg, end = self.cfg, self.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.decay_start_step, end, cfg.min_lr_ratio)
+            optimizer, lambda step: warmup_cosine_factor(step, cfg.warmup_steps, cfg.decay_start_step, end, cfg.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -247,70 +232,3 @@ class MVDiffusionTrainSystem(BaseSystem):
         views = images.permute(0, 2, 3, 1).cpu()
         rows = [list(views[start : start + num_views]) for start in range(0, len(captions), num_views)]
         self.save_image_grid(name, rows)
-
-
-def plot_loss_curve(csv_paths: List[Path], out: Path, smoothing: int = 10, size: Tuple[int, int] = (720, 420)) -> Path:
-    """Draw ``train/loss`` against step from Lightning CSV logs (later files win on repeated steps)
-    as a PNG with a log-scale loss axis: raw values light, a running mean of ``smoothing`` dark.
-
-    Drawn with PIL so that plotting adds no dependency.
-    """
-    from PIL import Image, ImageDraw
-
-    losses: Dict[int, float] = {}
-    for path in csv_paths:
-        with open(path) as handle:
-            for row in csv.DictReader(handle):
-                if row.get("train/loss"):
-                    losses[int(row["step"])] = float(row["train/loss"])
-    if len(losses) < 2:
-        raise UserError(f"fewer than 2 train/loss rows in {', '.join(map(str, csv_paths))}")
-    steps = np.array(sorted(losses), dtype=np.float64)
-    values = np.array([losses[int(s)] for s in steps])
-    smooth = np.convolve(values, np.ones(smoothing) / smoothing, mode="valid") if len(values) > smoothing else values
-    width, height = size
-    left, right, top, bottom = 70, 20, 30, 50
-    log_low, log_high = np.floor(np.log10(values.min())), np.ceil(np.log10(values.max()))
-    to_x = lambda s: left + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (width - left - right)  # noqa: E731
-    to_y = lambda v: top + (log_high - np.log10(v)) / max(log_high - log_low, 1e-9) * (height - top - bottom)  # noqa: E731
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    for exponent in np.arange(log_low, log_high + 1):
-        for mantissa in (1, 2, 5):
-            value = mantissa * 10.0**exponent
-            if 10.0**log_low <= value <= 10.0**log_high:
-                y = to_y(value)
-                draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
-                draw.text((8, y - 6), f"{value:g}", fill="black")
-    for tick in np.linspace(steps[0], steps[-1], 6):
-        x = to_x(tick)
-        draw.line([(x, height - bottom), (x, height - bottom + 5)], fill="black")
-        draw.text((x - 12, height - bottom + 8), f"{int(round(tick))}", fill="black")
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.line([(to_x(s), to_y(v)) for s, v in zip(steps, values)], fill=(160, 190, 235), width=1)
-    smooth_steps = steps[len(steps) - len(smooth):]
-    draw.line([(to_x(s), to_y(v)) for s, v in zip(smooth_steps, smooth)], fill=(20, 60, 160), width=2)
-    draw.text((left, 8), f"train/loss (epsilon MSE), log scale; dark: mean of {smoothing} logs", fill="black")
-    draw.text((width // 2 - 20, height - 22), "step", fill="black")
-    save_image(out, np.asarray(image))
-    return out
-
-
-@exit_on_user_error
-def main(argv: Optional[List[str]] = None) -> None:
-    """``python -m threestudio_mv.systems.mvdiffusion_train plot-loss --csv A.csv [B.csv] --out loss.png``"""
-    parser = argparse.ArgumentParser(description="Plot the training loss of mvdiffusion-train trials.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    plot = commands.add_parser("plot-loss", help="loss-curve PNG from Lightning CSV logs (metrics.csv)")
-    plot.add_argument("--csv", nargs="+", required=True, help="metrics.csv files, in training order")
-    plot.add_argument("--out", required=True)
-    plot.add_argument("--smoothing", type=int, default=10)
-    args = parser.parse_args(argv)
-    for path in args.csv:
-        if not Path(path).is_file():
-            raise UserError(f"--csv '{path}' not found")
-    print(plot_loss_curve([Path(p) for p in args.csv], Path(args.out), args.smoothing))
-
-
-if __name__ == "__main__":
-    main()

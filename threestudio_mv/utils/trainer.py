@@ -1,4 +1,5 @@
 """Lightning pieces the launcher needs: a whole-run progress bar with ETA, atomic checkpoints."""
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -59,3 +60,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         if os.path.exists(path):
             os.remove(path)
+
+
+def warmup_cosine_factor(step: int, warmup_steps: int, decay_start_step: Optional[int], end_step: int, min_lr_ratio: float) -> float:
+    """Multiplier of the base lr at ``step`` (for ``torch.optim.lr_scheduler.LambdaLR``): linear
+    warm-up over ``warmup_steps``, then constant, or from ``decay_start_step`` a cosine down to
+    ``min_lr_ratio`` at ``end_step`` (held after it). The one lr schedule of the trainers.
+
+    Written here rather than taken from diffusers' ``get_cosine_schedule_with_warmup``, which decays
+    to 0 from the end of warm-up: the recipes here hold the lr before decaying (a resumed run extends
+    its training) and keep a floor.
+    """
+    factor = min(1.0, (step + 1) / max(1, warmup_steps))
+    if decay_start_step is not None and end_step > decay_start_step and step > decay_start_step:
+        progress = min(1.0, (step - decay_start_step) / (end_step - decay_start_step))
+        factor *= min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor

@@ -24,7 +24,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from threestudio_mv.models.mvdiffusion.text_encoders import TextEncoder, build_t
 from threestudio_mv.models.prompt_processors.cache import CachedTextEncoder
 from threestudio_mv.utils import camera
 from threestudio_mv.utils.errors import UserError
+from threestudio_mv.utils.trainer import warmup_cosine_factor
 from threestudio_mv.utils.io import atomic_directory, atomic_path, save_json
 
 DEFAULT_PANORAMA_MODEL = Path(__file__).resolve().parents[2] / "assets" / "panorama-tiny"
@@ -285,12 +285,9 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     decay_start = int(cfg.steps * (1.0 - cfg.decay_fraction))
 
-    def lr_factor(step: int) -> float:
-        """Linear warm-up, constant, then a cosine down to 0.1 over the last ``decay_fraction``."""
-        progress = min(1.0, max(0.0, (step - decay_start) / max(1, cfg.steps - decay_start)))
-        return min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine_factor(step, cfg.warmup, decay_start, cfg.steps, 0.1)
+    )
     scheduler = DDPMScheduler.from_config(model.scheduler_config)
     rng = random.Random(cfg.seed)
     step = 0

@@ -1,0 +1,131 @@
+"""Foreground masks and re-framing of object images: one place for every image-conditioned tool
+(MVDreamBooth's subject images, image-to-3D's inputs).
+
+An RGBA image's alpha is its mask; an RGB image on a plain background is masked here (the background
+colour is the median of the border pixels). :func:`frame_image` crops to the object and re-frames it
+so that it fills a given share of a square frame, as in the multi-view training renders.
+"""
+import math
+from pathlib import Path
+from typing import List, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from threestudio_mv.utils.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BORDER_WIDTH = 2  # pixels of the image border that estimate a plain background
+PLAIN_BORDER_FRACTION = 0.9  # this share of border pixels must match the background colour
+
+
+def border_pixels(rgb: np.ndarray, width: int = BORDER_WIDTH) -> np.ndarray:
+    """The pixels (K, 3) of an (H, W, 3) image's outer ``width``-pixel ring."""
+    mask = np.zeros(rgb.shape[:2], dtype=bool)
+    mask[:width], mask[-width:], mask[:, :width], mask[:, -width:] = True, True, True, True
+    return rgb[mask]
+
+
+def mask_plain_background(rgb: np.ndarray, threshold: float, name: str = "image") -> np.ndarray:
+    """Foreground mask (H, W) bool of an RGB image in [0, 1] on a plain background.
+
+    The background colour is the median of the border pixels; a pixel is foreground when some channel
+    differs from it by more than ``threshold``. Specks and pinholes smaller than 0.1% of the image
+    are cleaned up (scikit-image). A border that is not one colour raises a UserError naming ``name``.
+    """
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    border = border_pixels(rgb)
+    colour = np.median(border, axis=0)
+    plain = (np.abs(border - colour).max(axis=-1) <= threshold).mean()
+    if plain < PLAIN_BORDER_FRACTION:
+        raise UserError(
+            f"{name}: its border is not one plain colour (only {plain:.0%} of it matches), so the object "
+            "cannot be masked; give RGBA PNGs or photos on a plain background"
+        )
+    foreground = np.abs(rgb - colour).max(axis=-1) > threshold
+    small = max(1, int(0.001 * foreground.size))
+    foreground = remove_small_objects(foreground, max_size=small)
+    return remove_small_holes(foreground, max_size=small)
+
+
+# ------------------------------------------------------------------------------------------ images
+def read_rgba(path: Path, threshold: float) -> np.ndarray:
+    """An image file as straight RGBA float32 (H, W, 4); RGB images are masked (plain background)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+            array = np.asarray(image.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise UserError(f"cannot read image '{path}' ({error})") from None
+    if has_alpha:
+        if array[..., 3].min() > 0.99:  # an alpha channel that masks nothing: treat as RGB
+            array = array[..., :3]
+        else:
+            return array
+    mask = mask_plain_background(array, threshold, str(path))
+    return np.concatenate([array, mask[..., None].astype(np.float32)], axis=-1)
+
+
+def frame_image(rgba: np.ndarray, size: int, recenter: bool, object_fraction: float) -> Tensor:
+    """RGBA (H, W, 4) -> (size, size, 4): padded to a square (or, with ``recenter``, cropped to the
+    object and padded so its larger side is ``object_fraction`` of the frame), then resized with
+    antialiasing on premultiplied colour."""
+    alpha = rgba[..., 3]
+    height, width = alpha.shape
+    if recenter and (alpha > 0.5).any():
+        rows, cols = np.nonzero(alpha > 0.5)
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        side = int(math.ceil(max(bottom - top, right - left) / object_fraction))
+        centre_row, centre_col = (top + bottom) / 2.0, (left + right) / 2.0
+    else:
+        side = max(height, width)
+        centre_row, centre_col = height / 2.0, width / 2.0
+    canvas = np.zeros((side, side, 4), dtype=np.float32)
+    row0, col0 = int(round(centre_row - side / 2.0)), int(round(centre_col - side / 2.0))
+    src_r0, src_c0 = max(0, row0), max(0, col0)
+    src_r1, src_c1 = min(height, row0 + side), min(width, col0 + side)
+    canvas[src_r0 - row0 : src_r1 - row0, src_c0 - col0 : src_c1 - col0] = rgba[src_r0:src_r1, src_c0:src_c1]
+    premultiplied = torch.from_numpy(np.concatenate([canvas[..., :3] * canvas[..., 3:], canvas[..., 3:]], axis=-1))
+    if side != size:
+        premultiplied = F.interpolate(
+            premultiplied.permute(2, 0, 1)[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )[0].permute(1, 2, 0).clamp(0.0, 1.0)
+    return premultiplied
+
+
+def image_paths(inputs: Sequence[Union[str, Path]], label: str = "input") -> List[Path]:
+    """The image files named by ``inputs``: files as given, folders expanded to their images (sorted).
+    A UserError (naming ``label`` and the path) for a missing path or a folder without images."""
+    paths: List[Path] = []
+    for given in inputs:
+        path = Path(given).expanduser()
+        if not path.exists():
+            raise UserError(f"{label} '{given}' does not exist")
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"{label} '{given}' is a folder with no images ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    if not paths:
+        raise UserError(f"no {label} given")
+    return paths
+
+
+def load_object_image(path: Path, size: int, object_fraction: float, threshold: float = 0.1) -> Tensor:
+    """One object image (RGBA, or RGB on a plain background) masked, re-centred and re-framed so the
+    object's larger side fills ``object_fraction`` of a ``size``-pixel square: premultiplied RGBA
+    (size, size, 4). A UserError names the file when it cannot be read or shows no object."""
+    rgba = read_rgba(path, threshold)
+    coverage = float((rgba[..., 3] > 0.5).mean())
+    if coverage < 1e-3:
+        raise UserError(f"{path}: no object found (the mask is empty); give an RGBA PNG or the object on a plain background")
+    if coverage > 0.98:
+        raise UserError(f"{path}: the object mask covers the whole image; give an RGBA PNG or the object on a plain background")
+    return frame_image(rgba, size, True, object_fraction)
