@@ -27,6 +27,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR / "configs"  # the bundled configs, found by name
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine")
 EXTENSIONS_DIR = PACKAGE_DIR.parent / "extensions"  # a source checkout's plug-ins
+EXTENSIONS_ENV = "THREESTUDIO_MV_EXTENSIONS"  # more plug-in folders, os.pathsep-separated
 
 
 @dataclass
@@ -96,14 +97,37 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
     return args, extras
 
 
-def import_extensions() -> None:
-    """Import every package under extensions/ so their modules register themselves."""
-    if not EXTENSIONS_DIR.is_dir():
-        return
-    sys.path.insert(0, str(EXTENSIONS_DIR))
-    for child in sorted(EXTENSIONS_DIR.iterdir()):
-        if (child / "__init__.py").exists():
-            importlib.import_module(child.name)
+def extension_dirs() -> List[Path]:
+    """Plug-in folders, in import order: the source checkout's ``extensions/``, ``./extensions`` in
+    the working directory (threestudio's ``custom/``; works for an installed package) and the folders
+    in ``$THREESTUDIO_MV_EXTENSIONS``; missing ones and repeats are skipped."""
+    candidates = [EXTENSIONS_DIR, Path.cwd() / "extensions"]
+    candidates += [Path(p).expanduser() for p in os.environ.get(EXTENSIONS_ENV, "").split(os.pathsep) if p]
+    found: List[Path] = []
+    for folder in candidates:
+        if folder.is_dir() and folder.resolve() not in found:
+            found.append(folder.resolve())
+    return found
+
+
+def import_extensions() -> List[str]:
+    """Import every plug-in package (a folder with ``__init__.py``) in :func:`extension_dirs`, so its
+    modules register themselves; returns the imported package names. A plug-in that fails to import
+    is a UserError naming it."""
+    from threestudio_mv.utils.errors import UserError
+
+    imported = []
+    for folder in extension_dirs():
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+        for child in sorted(folder.iterdir()):
+            if (child / "__init__.py").exists() and child.name not in sys.modules:
+                try:
+                    importlib.import_module(child.name)
+                except ImportError as error:
+                    raise UserError(f"extension '{child}' does not import ({error}); install what it needs or remove it") from None
+                imported.append(child.name)
+    return imported
 
 
 def load_yaml_with_extends(path: Path, seen: Tuple[Path, ...] = ()):
@@ -157,6 +181,25 @@ def trial_config_of_resume(resume: str) -> Path:
     return config
 
 
+def merge_overrides(base: Any, overrides: Any) -> Any:
+    """``overrides`` merged over ``base``; where they switch a module (``system.<part>_type``) and say
+    nothing of its settings (``system.<part>``), base's settings of the old module are dropped: they
+    belong to it, and the new module starts from its defaults."""
+    from omegaconf import OmegaConf
+
+    system, new_system = base.get("system") or {}, overrides.get("system") or {}
+    replaced = [
+        key[: -len("_type")] for key in new_system
+        if key.endswith("_type") and new_system[key] != system.get(key) and key[: -len("_type")] not in new_system
+    ]
+    if replaced:
+        base = OmegaConf.merge(base, {})  # a copy
+        for part in replaced:
+            if part in base.system:
+                base.system[part] = {}
+    return OmegaConf.merge(base, overrides)
+
+
 def load_config(args: argparse.Namespace, overrides: List[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -177,7 +220,7 @@ def load_config(args: argparse.Namespace, overrides: List[str]):
     else:
         path = find_config(args.config)
     try:
-        raw = OmegaConf.merge(load_yaml_with_extends(path), cli)
+        raw = merge_overrides(load_yaml_with_extends(path), cli)
     except OmegaConfBaseException as error:
         raise UserError(f"cannot read config '{path}': {str(error).splitlines()[0]}") from None
     if stage_overrides and "stages" not in raw:
@@ -310,7 +353,7 @@ def run_stages(args: argparse.Namespace, raw: Any, argv: List[str]) -> Path:
         OmegaConf.save(OmegaConf.merge(shared, {"stages": stages}), trial_dir / "configs" / "raw.yaml")
         with open(trial_dir / "cmd.txt", "a") as handle:
             handle.write(" ".join(shlex.quote(a) for a in [sys.executable, "-m", "threestudio_mv.launch", *argv]) + "\n")
-    stage_raws = [OmegaConf.merge(load_yaml_with_extends(config_dir / str(stage.config)), shared, per_stage.get(name) or {})
+    stage_raws = [merge_overrides(merge_overrides(load_yaml_with_extends(config_dir / str(stage.config)), shared), per_stage.get(name) or {})
                   for name, stage in zip(names, stages)]
     for stage_raw in stage_raws:  # every stage's keys checked before the first one trains
         check_system_keys(stage_raw)
