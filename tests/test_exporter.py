@@ -118,7 +118,7 @@ def test_registered_exporter_uses_geometry_and_material(tmp_path: Path, sphere: 
 def test_bad_options_and_empty_mesh_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"system\.exporter\.fmt"):
         MeshExporter({"fmt": "fbx"}, prefix="system.exporter")
-    with pytest.raises(UserError, match=r"system\.exporter\.texture_format"):
+    with pytest.raises(UserError, match=r"system\.exporter\.texture_format"):  # no such key (textures are PNG)
         MeshExporter({"texture_format": "jpg"}, prefix="system.exporter")
     with pytest.raises(UserError, match="empty"):
         export_textured_mesh(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long), colour_of, tmp_path)

@@ -17,7 +17,6 @@ from threestudio_mv.eval.metrics import (
     ssim,
     surface_colour_error,
     volumetric_iou,
-    winding_numbers,
 )
 from threestudio_mv.data.procedural.colours import nearest_colour_name
 from threestudio_mv.models.exporters.mesh_exporter import export_textured_mesh
@@ -63,21 +62,6 @@ def test_occupancy_of_a_box_and_of_a_mesh_with_holes() -> None:
     holed.update_faces(np.arange(len(holed.faces)) % 20 != 0)
     assert not holed.is_watertight
     assert volumetric_iou(holed, closed, resolution=32) > 0.98
-
-
-def test_fast_winding_numbers_match_the_exact_sum() -> None:
-    mesh = sphere(0.5, subdivisions=3)
-    triangles = torch.tensor(mesh.triangles)
-    points = torch.rand(500, 3, dtype=torch.float64) * 1.4 - 0.7
-    fast = winding_numbers(triangles, points)
-    a, b, c = (triangles[None, :, k] - points[:, None] for k in range(3))
-    la, lb, lc = a.norm(dim=-1), b.norm(dim=-1), c.norm(dim=-1)
-    numerator = (a * torch.linalg.cross(b, c, dim=-1)).sum(-1)
-    denominator = la * lb * lc + (a * b).sum(-1) * lc + (b * c).sum(-1) * la + (c * a).sum(-1) * lb
-    exact = torch.atan2(numerator, denominator).sum(-1) / (2 * math.pi)
-    assert (fast - exact).abs().max() < 0.05
-    assert torch.equal(fast > 0.5, exact > 0.5)
-    assert (fast > 0.5).any() and (fast < 0.5).any()
 
 
 def test_colour_error_is_large_for_red_against_blue() -> None:

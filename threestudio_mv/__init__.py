@@ -32,11 +32,6 @@ def find(name: str) -> type:
     return _REGISTRY[name]
 
 
-def registered_names() -> list:
-    _import_builtin_modules()
-    return sorted(_REGISTRY)
-
-
 _BUILTIN_PACKAGES = ("threestudio_mv.data", "threestudio_mv.models", "threestudio_mv.systems")
 _imported = False
 

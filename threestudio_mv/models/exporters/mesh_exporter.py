@@ -283,7 +283,6 @@ class MeshExporter(BaseModule):
     class Config:
         fmt: str = "obj-mtl"  # "obj-mtl" (textured), "glb" (textured GLB only) or "obj" (vertex colours)
         texture_size: int = 1024
-        texture_format: str = "png"
         save_glb: bool = True  # also write model.glb next to a textured OBJ
         save_vertex_colors: bool = False  # also write a vertex-coloured PLY
         context: str = "cpu"  # where UV rasterisation runs: "cpu", or "auto" (the mesh's device)
@@ -298,8 +297,6 @@ class MeshExporter(BaseModule):
         cfg = self.cfg
         if cfg.fmt not in FORMATS:
             raise UserError(f"config key 'system.exporter.fmt' is '{cfg.fmt}'; use one of {', '.join(FORMATS)}")
-        if cfg.texture_format != "png":
-            raise UserError(f"config key 'system.exporter.texture_format' is '{cfg.texture_format}'; only 'png' is supported")
         if cfg.context not in ("cpu", "auto"):
             raise UserError(f"config key 'system.exporter.context' is '{cfg.context}'; use 'cpu' or 'auto'")
         if cfg.texture_size < 8:
