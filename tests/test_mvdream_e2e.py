@@ -67,8 +67,9 @@ def test_a_staged_trial_resumes_only_its_unfinished_stages(tmp_path):
     for stage, mtime in finished.items():
         assert (trial / stage / "ckpts" / "last.ckpt").stat().st_mtime_ns == mtime, stage
     assert weights(trial / "texture" / "ckpts" / "last.ckpt")["global_step"] == 8
-    launch(tmp_path, "--test", f"resume={trial}", "data.n_test_views=2")
+    tested = launch(tmp_path, "--test", f"resume={trial}", "data.n_test_views=2")
     assert (trial / "texture" / "save" / "it8-test-000.png").is_file()  # named by the checkpoint's step
+    assert f"test turntable: {trial / 'texture' / 'save' / 'it8-test.mp4'}" in tested.stdout  # says where it went
 
 
 @pytest.mark.slow

@@ -499,6 +499,9 @@ def run_trial(args: argparse.Namespace, raw: Any, argv: List[str], trial_dir: Op
         trainer.validate(system, datamodule=datamodule)
     if args.test:
         trainer.test(system, datamodule=datamodule)
+        if trainer.is_global_zero:
+            for name, path in system.test_outputs.items():
+                print(f"test {name}: {path}")
     if args.export and trainer.is_global_zero:
         outputs = system.export()
         for name, path in outputs.items():

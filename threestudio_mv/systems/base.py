@@ -40,6 +40,7 @@ class BaseSystem(pl.LightningModule, Updateable):
         super().__init__()
         self.cfg = cfg if isinstance(cfg, self.Config) else parse_structured(self.Config, cfg, "system")
         self.trial_dir = Path(trial_dir) if trial_dir else Path.cwd() / "outputs" / "scratch"
+        self.test_outputs: Dict[str, Path] = {}  # what --test wrote (name -> file), printed by launch
         self.configure()
 
     # ----------------------------------------------------------------------------- construction

@@ -133,8 +133,8 @@ class VolumeSystem(BaseSystem):
     def on_test_epoch_end(self) -> None:
         if self._test_frames:
             step = self.true_global_step
-            self.save_image(f"it{step}-test-000.png", self._test_frames[0])
-            self.save_video(f"it{step}-test.mp4", self._test_frames, fps=30)
+            self.test_outputs["first frame"] = self.save_image(f"it{step}-test-000.png", self._test_frames[0])
+            self.test_outputs["turntable"] = self.save_video(f"it{step}-test.mp4", self._test_frames, fps=30)
         self._test_frames = []
 
     def export(self) -> Dict[str, Path]:

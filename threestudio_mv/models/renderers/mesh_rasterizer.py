@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import threestudio_mv
-from threestudio_mv.models.renderers.nerf_volume_renderer import _Parts
+from threestudio_mv.models.renderers.base import RenderedParts
 from threestudio_mv.utils import rasterize as raster
 from threestudio_mv.utils.base import BaseModule
 from threestudio_mv.utils.errors import UserError
@@ -113,7 +113,7 @@ class MeshRasterizer(BaseModule):
             raise UserError(f"config key '{self.config_prefix}.backend' is 'nvdiffrast' but nvdiffrast or CUDA is missing; use 'auto'")
         if not hasattr(geometry, "isosurface"):
             raise UserError(f"{self.config_prefix}: mesh-rasterizer needs a geometry with a mesh (e.g. tetrahedra-sdf-grid)")
-        self.parts = _Parts(geometry, material, background)
+        self.parts = RenderedParts(geometry, material, background)
         self._nvdiffrast: Optional[_NvdiffrastOps] = None
 
     def ops(self, device: torch.device) -> Any:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import threestudio_mv
+from threestudio_mv.models.renderers.base import RenderedParts
 from threestudio_mv.utils.base import BaseModule
 from threestudio_mv.utils.camera import ray_box_intersection
 from threestudio_mv.utils.errors import UserError
@@ -34,15 +35,6 @@ from threestudio_mv.utils.errors import UserError
 SAMPLERS = ("auto", "dense")
 # In eval, samples with a smaller weight are not shaded (their colour and normal are not computed).
 EVAL_MIN_WEIGHT = 1e-5
-
-
-@dataclass
-class _Parts:
-    """The rendered modules, held outside the module tree."""
-
-    geometry: nn.Module
-    material: nn.Module
-    background: nn.Module
 
 
 @threestudio_mv.register("nerf-volume-renderer")
@@ -116,7 +108,7 @@ class NeRFVolumeRenderer(BaseModule):
                 f"the material {type(material).__name__} shades with normals: set {geometry_key}.normal_type "
                 "to 'analytic' or 'finite_difference'"
             )
-        self.parts = _Parts(geometry, material, background)
+        self.parts = RenderedParts(geometry, material, background)
         self.radius = float(geometry.cfg.radius)
         # nerfacc's step for a ray across the box diagonal; also converts density to the grid's "alpha".
         self.render_step_size = 2.0 * math.sqrt(3.0) * self.radius / cfg.num_samples_per_ray
