@@ -135,3 +135,16 @@ def test_mesh_input_gives_posed_coloured_views(tmp_path: Path) -> None:
         assert int(rows.max() - rows.min()) > 1.5 * int(cols.max() - cols.min())  # standing upright
     fg = subject.rgb[subject.alpha > 0.99]
     assert (fg[:, 0] > 2.0 * fg[:, 1]).all() and (fg[:, 0] > 0.4).all()  # shaded red
+
+
+def test_a_vertex_coloured_ply_keeps_its_colours(tmp_path: Path) -> None:
+    from threestudio_mv.data.mesh_render import load_subject_mesh
+
+    box = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    green = np.tile([30, 200, 40, 255], (len(box.vertices), 1)).astype(np.uint8)
+    green[box.vertices[:, 2] > 0] = [200, 30, 40, 255]  # red top, green bottom
+    trimesh.Trimesh(box.vertices, box.faces, vertex_colors=green, process=False).export(tmp_path / "box.ply")
+    mesh = load_subject_mesh(tmp_path / "box.ply", colour=(0.5, 0.5, 0.5))
+    colours = np.asarray(mesh.visual.vertex_colors)
+    assert (colours[mesh.vertices[:, 2] > 0, :3] == [200, 30, 40]).all()
+    assert (colours[mesh.vertices[:, 2] < 0, :3] == [30, 200, 40]).all()

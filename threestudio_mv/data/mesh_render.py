@@ -52,9 +52,12 @@ def mesh_vertex_colours(mesh) -> Optional[np.ndarray]:
     """Per-vertex RGBA uint8 (V, 4) of a mesh's own colours (textures sampled at the vertices by
     trimesh), or None when it has none: no visual, or one flat gray, which is what trimesh makes up
     for a file whose material is missing (e.g. an OBJ whose .mtl is not beside it)."""
-    if mesh.visual.kind is None:
+    visual = mesh.visual
+    if visual.kind is None:
         return None
-    colours = np.asarray(mesh.visual.to_color().vertex_colors, dtype=np.uint8)
+    if visual.kind == "texture":  # sampled at the vertices; colour visuals (PLY, our exports) have them already
+        visual = visual.to_color()
+    colours = np.asarray(visual.vertex_colors, dtype=np.uint8)
     rgb = colours[:, :3].astype(np.int32)
     flat = int(rgb.max() - rgb.min()) <= 4
     gray = int((rgb.max(axis=1) - rgb.min(axis=1)).max()) <= 4
