@@ -4,9 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import trimesh
+from PIL import Image
+
+from threestudio_mv.utils.io import save_image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -70,6 +74,18 @@ def test_a_staged_trial_resumes_only_its_unfinished_stages(tmp_path):
     tested = launch(tmp_path, "--test", f"resume={trial}", "data.n_test_views=2")
     assert (trial / "texture" / "save" / "it8-test-000.png").is_file()  # named by the checkpoint's step
     assert f"test turntable: {trial / 'texture' / 'save' / 'it8-test.mp4'}" in tested.stdout  # says where it went
+    # The trial alone (no --config) is enough, and the turntable can be shown in a panorama instead.
+    panorama = np.zeros((16, 32, 3), dtype=np.float32)
+    panorama[..., 2] = 1.0  # all blue
+    save_image(tmp_path / "room.png", panorama)
+    again = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), "--test", f"resume={trial}", "data.n_test_views=2",
+         "system.background_type=panorama-environment-map", f"system.background.image={tmp_path / 'room.png'}"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    corner = np.asarray(Image.open(trial / "texture" / "save" / "it8-test-000.png"))[0, 0, :3]
+    assert corner[2] > 200 and corner[0] < 50  # the background is the panorama's blue, not white
 
 
 @pytest.mark.slow

@@ -168,6 +168,17 @@ def find_config(name: str) -> Path:
     raise UserError(f"config file '{name}' not found (a path, or a bundled config: {bundled})")
 
 
+def stage_config(config_dir: Path, name: str) -> Path:
+    """A stage's config file: as written (absolute, or beside the staged config), else a bundled
+    config of that name (a trial folder's raw.yaml made before stage paths were saved absolute)."""
+    for candidate in (Path(name), config_dir / name):
+        if candidate.is_absolute() and candidate.is_file():
+            return candidate
+    if (config_dir / name).is_file():
+        return config_dir / name
+    return find_config(Path(name).name)
+
+
 def trial_config_of_resume(resume: str) -> Path:
     """The config a trial was made with, from ``resume=`` (a checkpoint or a staged trial's folder)."""
     from threestudio_mv.utils.errors import UserError
@@ -182,15 +193,15 @@ def trial_config_of_resume(resume: str) -> Path:
 
 
 def merge_overrides(base: Any, overrides: Any) -> Any:
-    """``overrides`` merged over ``base``; where they switch a module (``system.<part>_type``) and say
-    nothing of its settings (``system.<part>``), base's settings of the old module are dropped: they
-    belong to it, and the new module starts from its defaults."""
+    """``overrides`` merged over ``base``; where they switch a module (``system.<part>_type``), base's
+    settings of the old module (``system.<part>``) are dropped: they belong to it, and the new module
+    starts from its defaults and the overrides' settings."""
     from omegaconf import OmegaConf
 
     system, new_system = base.get("system") or {}, overrides.get("system") or {}
     replaced = [
         key[: -len("_type")] for key in new_system
-        if key.endswith("_type") and new_system[key] != system.get(key) and key[: -len("_type")] not in new_system
+        if key.endswith("_type") and system.get(key) is not None and new_system[key] != system.get(key)
     ]
     if replaced:
         base = OmegaConf.merge(base, {})  # a copy
@@ -280,14 +291,21 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def check_checkpoint_matches(system: Any, checkpoint: str) -> None:
-    """A one-line error when ``checkpoint`` was made by a trial of another config (other modules or sizes)."""
+#: Modules that --test/--export may swap for others (a turntable in a panorama instead of white).
+REPLACEABLE_IN_EVAL = ("background.",)
+
+
+def check_checkpoint_matches(system: Any, checkpoint: str, replaceable: Tuple[str, ...] = ()) -> None:
+    """A one-line error when ``checkpoint`` was made by a trial of another config (other modules or
+    sizes); weights under the ``replaceable`` prefixes are not compared."""
     import torch
 
     from threestudio_mv.utils.errors import UserError
 
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("state_dict", {})
     own = system.state_dict()
+    saved = {k: v for k, v in saved.items() if not k.startswith(replaceable)}
+    own = {k: v for k, v in own.items() if not k.startswith(replaceable)}
     missing = sorted(set(own) - set(saved))
     unexpected = sorted(set(saved) - set(own))
     resized = sorted(k for k in set(own) & set(saved) if tuple(own[k].shape) != tuple(saved[k].shape))
@@ -350,10 +368,11 @@ def run_stages(args: argparse.Namespace, raw: Any, argv: List[str]) -> Path:
         raise UserError(f"resume='{raw.resume}': no such trial folder")
     if args.train:
         (trial_dir / "configs").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.merge(shared, {"stages": stages}), trial_dir / "configs" / "raw.yaml")
+        located = [{**OmegaConf.to_container(stage), "config": str(stage_config(config_dir, str(stage.config)).resolve())} for stage in stages]
+        OmegaConf.save(OmegaConf.merge(shared, {"stages": located}), trial_dir / "configs" / "raw.yaml")
         with open(trial_dir / "cmd.txt", "a") as handle:
             handle.write(" ".join(shlex.quote(a) for a in [sys.executable, "-m", "threestudio_mv.launch", *argv]) + "\n")
-    stage_raws = [merge_overrides(merge_overrides(load_yaml_with_extends(config_dir / str(stage.config)), shared), per_stage.get(name) or {})
+    stage_raws = [merge_overrides(merge_overrides(load_yaml_with_extends(stage_config(config_dir, str(stage.config))), shared), per_stage.get(name) or {})
                   for name, stage in zip(names, stages)]
     for stage_raw in stage_raws:  # every stage's keys checked before the first one trains
         check_system_keys(stage_raw)
@@ -490,11 +509,11 @@ def run_trial(args: argparse.Namespace, raw: Any, argv: List[str], trial_dir: Op
     )
 
     if cfg.resume:
-        check_checkpoint_matches(system, cfg.resume)
+        check_checkpoint_matches(system, cfg.resume, () if args.train else REPLACEABLE_IN_EVAL)
     if args.train:
         trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.resume)
     elif cfg.resume:
-        system.load_trained(cfg.resume)
+        system.load_trained(cfg.resume, REPLACEABLE_IN_EVAL)
     if args.validate:
         trainer.validate(system, datamodule=datamodule)
     if args.test:

@@ -5,7 +5,7 @@ and distribution. The system owns its trial folder's ``save/`` outputs (images, 
 """
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -60,13 +60,22 @@ class BaseSystem(pl.LightningModule, Updateable):
 
     _restored_step: int = 0
 
-    def load_trained(self, ckpt_path: str) -> None:
-        """Load a trial checkpoint's weights for --export/--test without training."""
+    def load_trained(self, ckpt_path: str, replaceable: Tuple[str, ...] = ()) -> None:
+        """Load a trial checkpoint's weights for --export/--test without training; modules under the
+        ``replaceable`` prefixes (e.g. ``background.``) keep their own weights where the checkpoint's
+        do not fit them (a module swapped for another)."""
         if not Path(ckpt_path).is_file():
             raise UserError(f"checkpoint '{ckpt_path}' not found")
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         self.on_load_checkpoint(checkpoint)
-        self.load_state_dict(checkpoint["state_dict"])
+        own = self.state_dict()
+        state = checkpoint["state_dict"]
+        swapped = {k for k in set(own) | set(state) if k.startswith(replaceable) and (k not in own or k not in state or own[k].shape != state[k].shape)}
+        prefixes = tuple({k.split(".")[0] + "." for k in swapped})
+        if prefixes:  # a swapped module: none of its saved weights apply
+            state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+            state.update({k: v for k, v in own.items() if k.startswith(prefixes)})
+        self.load_state_dict(state)
         self._restored_step = int(checkpoint.get("global_step", 0))
 
     # ----------------------------------------------------------------------------- step updates
