@@ -175,3 +175,18 @@ def test_sampler_starts_from_the_marginal_at_the_first_timestep() -> None:
     expected = alpha_bar.sqrt() * torch.tensor([0.8, -0.5, 0.0])
     assert torch.allclose(channel_means, expected, atol=0.02)
     assert torch.allclose(seen[0].std(dim=(0, 2, 3)), (1 - alpha_bar).sqrt().expand(3), atol=0.02)
+
+
+def test_the_bundled_folders_parts_load_with_diffusers_alone() -> None:
+    """The model folder is diffusers' layout: its UNet and scheduler load without this package's code,
+    and the UNet is the model's (same weights)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from threestudio_mv.models.mvdiffusion.model import DEFAULT_MODEL_PATH
+
+    unet = UNet2DConditionModel.from_pretrained(str(DEFAULT_MODEL_PATH), subfolder="unet")
+    scheduler = DDPMScheduler.from_pretrained(str(DEFAULT_MODEL_PATH), subfolder="scheduler")
+    model = MultiViewDiffusionModel.from_pretrained()
+    assert scheduler.config.num_train_timesteps == model.noise_scheduler().config.num_train_timesteps
+    for (name, ours), (_, theirs) in zip(model.unet.state_dict().items(), unet.state_dict().items()):
+        assert torch.equal(ours, theirs), name
