@@ -12,7 +12,8 @@ between adjacent face normals (metrics.mesh_quality). Prints a JSON summary and 
 ``first_frames.png`` (each run's first turntable frame: one row per caption, one column per config).
 ``--jobs N`` runs N trials at once, each with cores / N torch threads (tiny models scale badly
 across threads, so 2 jobs of 1 thread beat 1 job of 2 on 2 cores); ``--reuse`` scores trials that
-already have an export instead of rerunning them.
+already have an export instead of rerunning them, and resumes a staged trial after its finished
+stages (its ``seconds`` then count only the stages run).
 
 Front score (Janus check): coloured Chamfer distance d(A, B) between surface samples (xyz plus 0.25 x
 RGB). With R the half-turn about z, front = (d(R pred, gt) - d(pred, gt)) / d(R gt, gt). 1 = the
@@ -120,6 +121,8 @@ def run_one(config: Path, caption: str, out: Path, overrides: List[str], threads
         f"system.prompt_processor.prompt={caption}", f"name={name}", f"tag={tag}", "use_timestamp=false",
         f"exp_root_dir={out}", "trainer.enable_progress_bar=false", *overrides,
     ]
+    if reuse and list(trial.glob("*/ckpts/last.ckpt")):  # a staged trial with finished stages: only the rest runs
+        arguments.append(f"resume={trial}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.time()
     run = run_trial(arguments, env=env)
@@ -208,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--captions", nargs="*", help="explicit captions instead of --split/--num")
     parser.add_argument("--out", default="outputs/eval-text-to-3d")
     parser.add_argument("--jobs", type=int, default=1, help="trials run at once")
-    parser.add_argument("--reuse", action="store_true", help="score trials that already have an export")
+    parser.add_argument("--reuse", action="store_true", help="score trials that already have an export; resume staged trials after their finished stages")
     args, overrides = parser.parse_known_args(argv)
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
