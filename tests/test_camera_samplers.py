@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import threestudio_mv
-from threestudio_mv.data.uncond import RandomMultiviewCameraDataModule
+from threestudio_mv.data.random_cameras import RandomMultiviewCameraDataModule
 from threestudio_mv.utils.camera import project_points
 from threestudio_mv.utils.errors import UserError
 

@@ -220,7 +220,7 @@ def sphere_grid() -> TetrahedraSDFGrid:
 
 
 def camera_batch(size: int = 32):
-    from threestudio_mv.data.uncond import camera_batch as make_batch
+    from threestudio_mv.data.random_cameras import camera_batch as make_batch
 
     azimuth = torch.tensor([0.0, 90.0])
     elevation, distance, fovy = torch.full_like(azimuth, 15.0), torch.full_like(azimuth, 1.6), torch.full_like(azimuth, 40.0)

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from threestudio_mv import register
-from threestudio_mv.data.uncond import Batch, CameraBatchDataset, CameraDataLoaders, camera_batch
+from threestudio_mv.data.random_cameras import Batch, CameraBatchDataset, CameraDataLoaders, camera_batch
 from threestudio_mv.utils.base import Updateable
 from threestudio_mv.utils.camera import (
     CameraLight,
