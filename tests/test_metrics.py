@@ -16,6 +16,7 @@ from threestudio_mv.eval.metrics import (
     silhouette_iou,
     ssim,
     surface_colour_error,
+    view_scores,
     volumetric_iou,
 )
 from threestudio_mv.data.procedural.colours import nearest_colour_name
@@ -120,3 +121,18 @@ def test_foreground_mask_estimates_a_coloured_background_and_despeckles():
     assert estimated[4:12, 4:12].all() and estimated.sum() == 64 + 1
     cleaned = foreground_mask(image, background=None, despeckle=True)
     assert not cleaned[1, 13] and cleaned[5:11, 5:11].all()
+
+
+def test_view_scores_of_identical_and_recoloured_views() -> None:
+    views = np.ones((2, 16, 16, 3))
+    masks = np.zeros((2, 16, 16), dtype=bool)
+    masks[:, 4:12, 4:12] = True
+    views[masks] = [0.8, 0.1, 0.1]
+    same = view_scores(views, masks, views, masks)
+    assert same["silhouette_iou"] == 1.0 and same["delta_e"] == 0.0 and same["psnr"] == float("inf")
+    recoloured = views.copy()
+    recoloured[masks] = [0.1, 0.1, 0.8]
+    shifted = np.roll(masks, 4, axis=2)
+    scores = view_scores(recoloured, shifted, views, masks)
+    assert scores["delta_e"] > 50.0 and scores["silhouette_iou"] < 0.5 and scores["ssim"] < same["ssim"]
+    assert scores["delta_e_overlap"] > 50.0

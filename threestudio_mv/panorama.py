@@ -20,6 +20,7 @@ import torch
 
 from threestudio_mv.t2mv import check_eta
 from threestudio_mv.utils.camera import panorama_yaws, yaw_c2w
+from threestudio_mv.utils.cli import run_subcommand
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
 from threestudio_mv.utils.io import load_image, save_image, save_json
 
@@ -117,10 +118,7 @@ def generate(args: argparse.Namespace) -> Dict[str, Path]:
 @exit_on_user_error
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        from threestudio_mv.models.mvdiffusion.panorama import train_main
-
-        train_main(argv[1:])
+    if run_subcommand(argv, {"train": "threestudio_mv.models.mvdiffusion.panorama:train_main"}):
         return
     written = generate(parse_args(argv))
     print(f"wrote {written['panorama']}, {written['views']}/ and {written['cameras']}")

@@ -240,6 +240,26 @@ def foreground_mask(
     return mask
 
 
+def image_delta_e(pred: ArrayLike, target: ArrayLike, mask: ArrayLike) -> float:
+    """Mean CIE76 delta-E between two (H, W, 3) images in [0, 1] over the bool ``mask`` (H, W); nan if empty."""
+    mask_np = _numpy(mask).astype(bool)
+    if not mask_np.any():
+        return float("nan")
+    delta = deltaE_cie76(rgb2lab(_image(pred)), rgb2lab(_image(target)))
+    return float(delta[mask_np].mean())
+
+
+def view_scores(pred: ArrayLike, pred_mask: ArrayLike, target: ArrayLike, target_mask: ArrayLike) -> Dict[str, float]:
+    """Generated views against true ones, mean over N views: PSNR, SSIM, silhouette IoU, colour delta-E over
+    the true foreground (``delta_e``) and over the pixels both call foreground (``delta_e_overlap``).
+    ``pred``, ``target``: (N, H, W, 3) in [0, 1] over the same background; masks: (N, H, W) bool."""
+    rows = []
+    for p, pm, t, tm in zip(_numpy(pred), _numpy(pred_mask) > 0.5, _numpy(target), _numpy(target_mask) > 0.5, strict=True):
+        rows.append({"psnr": psnr(p, t), "ssim": ssim(p, t), "silhouette_iou": silhouette_iou(pm, tm),
+                     "delta_e": image_delta_e(p, t, tm), "delta_e_overlap": image_delta_e(p, t, pm & tm)})
+    return {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0]}
+
+
 # ----------------------------------------------------------------------------------------- loading
 def mesh_from_export(export_dir: Union[str, Path]) -> trimesh.Trimesh:
     """Load an exporter folder as one coloured mesh in world coordinates (z up).

@@ -21,11 +21,9 @@ classifier-free guidance, AdamW, EMA of the trained weights, atomic checkpoints 
 ``--ckpt-every`` steps and resume from the last one.
 """
 import argparse
-import copy
 import dataclasses
 import json
 import random
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -33,23 +31,29 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from threestudio_mv.data.procedural import rooms
 from threestudio_mv.models.mvdiffusion.caa import CAAUNet
 from threestudio_mv.models.mvdiffusion.cfg import predict_noise_with_cfg
+from threestudio_mv.models.mvdiffusion.folder import (
+    SCHEDULER_CONFIG,
+    load_folder_unet,
+    load_scheduler_config,
+    open_model_folder,
+    read_folder_metadata,
+    write_model_folder,
+)
 from threestudio_mv.models.mvdiffusion.model import sd_scheduler_config
 from threestudio_mv.models.mvdiffusion.sampler import ddim_sample
 from threestudio_mv.models.mvdiffusion.text_encoders import TextEncoder, build_text_encoder
+from threestudio_mv.models.mvdiffusion.training import TrainingRun
 from threestudio_mv.models.prompt_processors.cache import CachedTextEncoder
 from threestudio_mv.utils import camera
 from threestudio_mv.utils.errors import UserError
+from threestudio_mv.utils.io import save_json
 from threestudio_mv.utils.trainer import warmup_cosine_factor
-from threestudio_mv.utils.io import atomic_directory, atomic_path, save_json
 
 DEFAULT_PANORAMA_MODEL = Path(__file__).resolve().parents[2] / "assets" / "panorama-tiny"
-MODEL_INDEX = "model_index.json"
 TEXT_ENCODER_SPEC = "text_encoder/spec.json"
 SAMPLE_CHANNELS = 3
 GIVEN_CHANNELS = 1 + 3  # mask + masked image
@@ -119,47 +123,24 @@ class PanoramaModel(nn.Module):
 
     # -- folders -------------------------------------------------------------------------------
     def save_pretrained(self, directory: Path) -> Path:
-        """Write the model folder atomically (a temporary folder renamed into place)."""
-        directory = Path(directory)
-        with atomic_directory(directory) as tmp:
-            # float16 on disk (a copy) halves the shipped folder; loading casts back to float32.
-            copy.deepcopy(self.net.unet).to(torch.float16).save_pretrained(tmp / "unet", safe_serialization=True)
+        """Write the model folder atomically (float16 UNet: it halves the shipped folder)."""
+
+        def write_caa_and_text_encoder(tmp: Path) -> None:
             self.net.save_caa(tmp / "caa")
-            DDPMScheduler.from_config(self.scheduler_config).save_pretrained(tmp / "scheduler")
             (tmp / "text_encoder").mkdir()
             (tmp / TEXT_ENCODER_SPEC).write_text(json.dumps(self.text_encoder_spec, indent=2) + "\n")
-            index = {
-                "_class_name": type(self).__name__,
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "caa": ["threestudio_mv.models.mvdiffusion.caa", "CAAUNet"],
-                "scheduler": ["diffusers", "DDPMScheduler"],
-                "text_encoder": self.text_encoder_spec.get("type"),
-                "metadata": dataclasses.asdict(self.metadata),
-            }
-            (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return directory
+
+        components = {"caa": ["threestudio_mv.models.mvdiffusion.caa", "CAAUNet"], "text_encoder": self.text_encoder_spec.get("type")}
+        return write_model_folder(directory, type(self).__name__, self.net.unet, self.metadata, self.scheduler_config,
+                                  components, write_caa_and_text_encoder)
 
     @classmethod
     def from_pretrained(cls, directory: Optional[Path] = None) -> "PanoramaModel":
         """Load a model folder (default: the bundled panorama-tiny). A UserError names what is missing."""
-        directory = Path(directory).expanduser() if directory is not None else DEFAULT_PANORAMA_MODEL
-        required = [MODEL_INDEX, "unet/config.json", "caa/config.json", "scheduler/scheduler_config.json", TEXT_ENCODER_SPEC]
-        missing = [name for name in required if not (directory / name).is_file()]
-        if missing:
-            raise UserError(f"'{directory}' is not a panorama model folder: missing {', '.join(missing)}")
-        metadata = load_metadata(directory)
-        unet = UNet2DConditionModel.from_pretrained(str(directory / "unet"), low_cpu_mem_usage=False, torch_dtype=torch.float32)
-        net = CAAUNet.from_folders(unet, directory / "caa")
-        scheduler_config = dict(DDPMScheduler.load_config(str(directory / "scheduler")))
-        spec = json.loads((directory / TEXT_ENCODER_SPEC).read_text())
-        return cls(net, scheduler_config, spec, metadata).eval()
-
-
-def load_metadata(directory: Path) -> PanoramaMetadata:
-    """The :class:`PanoramaMetadata` of a model folder (unknown keys ignored)."""
-    index = json.loads((Path(directory) / MODEL_INDEX).read_text())
-    known = {f.name for f in dataclasses.fields(PanoramaMetadata)}
-    return PanoramaMetadata(**{k: v for k, v in index.get("metadata", {}).items() if k in known})
+        folder = open_model_folder(directory, DEFAULT_PANORAMA_MODEL, "panorama", ["caa/config.json", SCHEDULER_CONFIG, TEXT_ENCODER_SPEC])
+        net = CAAUNet.from_folders(load_folder_unet(folder, UNet2DConditionModel), folder / "caa")
+        spec = json.loads((folder / TEXT_ENCODER_SPEC).read_text())
+        return cls(net, load_scheduler_config(folder), spec, read_folder_metadata(folder, PanoramaMetadata)).eval()
 
 
 def given_channels(images: Optional[Tensor], batch: int, size: int, n_view: int) -> Tensor:
@@ -270,7 +251,7 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.init is None:
             raise UserError("the caa stage needs --init, the base stage's model folder")
         # The base UNet of the base stage, with fresh (identity) CAA blocks at the chosen levels.
-        meta = dataclasses.replace(load_metadata(cfg.init), caa_min_stride=cfg.caa_min_stride)
+        meta = dataclasses.replace(read_folder_metadata(cfg.init, PanoramaMetadata), caa_min_stride=cfg.caa_min_stride)
         unet = UNet2DConditionModel.from_pretrained(str(cfg.init / "unet"), low_cpu_mem_usage=False, torch_dtype=torch.float32)
         net = CAAUNet(unet.requires_grad_(False), meta.fov_deg, meta.n_view, min_stride=meta.caa_min_stride)
         model = PanoramaModel(net, dict(DDPMScheduler.load_config(str(cfg.init / "scheduler"))), encoder.spec(), meta)
@@ -278,44 +259,24 @@ def train(cfg: TrainConfig) -> Path:
     else:
         raise UserError(f"unknown stage '{cfg.stage}'; use base or caa")
     command = cfg.command if cfg.stage == "base" else f"{model.metadata.training_command} && {cfg.command}"
-    model.metadata.training_command = command
     model.train()
-    ema = AveragedModel(trained, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     decay_start = int(cfg.steps * (1.0 - cfg.decay_fraction))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine_factor(step, cfg.warmup, decay_start, cfg.steps, 0.1)
+    run = TrainingRun(
+        trained, cfg.out, cfg.steps, cfg.lr, ema_decay=cfg.ema_decay, ckpt_every=cfg.ckpt_every, seed=cfg.seed,
+        desc=f"train {cfg.stage}", extra={"metadata": dataclasses.asdict(model.metadata)},
+        lr_factor=lambda step: warmup_cosine_factor(step, cfg.warmup, decay_start, cfg.steps, 0.1),
     )
+    # A resumed run keeps the metadata it started with (the base stage's init_mean), with this command.
+    model.metadata = dataclasses.replace(PanoramaMetadata(**run.extra["metadata"]), training_command=command)
     scheduler = DDPMScheduler.from_config(model.scheduler_config)
-    rng = random.Random(cfg.seed)
-    step = 0
-    ckpt = cfg.out / "ckpt.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        trained.load_state_dict(state["trained"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        model.metadata = dataclasses.replace(PanoramaMetadata(**state["metadata"]), training_command=command)
-        step = state["step"]
-        print(f"resumed {cfg.stage} from step {step}")
+    rng = run.rng
     n_view, size = model.metadata.n_view, model.metadata.image_size
 
     def export() -> Path:
-        live = {k: v.clone() for k, v in trained.state_dict().items()}
-        trained.load_state_dict(ema.module.state_dict())
-        folder = model.save_pretrained(cfg.out / "model")
-        trained.load_state_dict(live)
-        return folder
+        with run.ema_weights():
+            return model.save_pretrained(cfg.out / "model")
 
-    log = cfg.out / "log.csv"
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.stage}", mininterval=10.0)
-    losses: List[float] = []
-    while step < cfg.steps:
+    while not run.done:
         data = rooms.sample_rooms(cfg.rooms_per_step, "train", rng, size=size, n_view=n_view)
         clean = data["images"].permute(0, 3, 1, 2) * 2.0 - 1.0
         batch = clean.shape[0]
@@ -341,32 +302,9 @@ def train(cfg: TrainConfig) -> Path:
         noisy = scheduler.add_noise(clean, noise, timesteps)
         eps = model.predict_noise(noisy, timesteps, text, given, num_views)
         per_image = F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_image * weight).sum() / weight.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        ema.update_parameters(trained)
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            with atomic_path(ckpt) as tmp:
-                torch.save(
-                    {
-                        "trained": trained.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                        "metadata": dataclasses.asdict(model.metadata), "step": step,
-                    },
-                    tmp,
-                )
-            with open(log, "a") as handle:
-                handle.write(f"{step},{sum(losses) / len(losses):.5f},{time.time():.0f}\n")
-            losses = []
+        if run.step((per_image * weight).sum() / weight.sum()):
             export()
-    bar.close()
+    run.close()
     folder = export()
     save_json(cfg.out / "done.json", {"stage": cfg.stage, "steps": cfg.steps, "command": cfg.command})
     return folder
