@@ -5,11 +5,16 @@ columns right, up, back (= -forward), position. Azimuth 0 deg views the object f
 counter-clockwise seen from +z, elevation is positive above the equator. Angles are in degrees.
 Pixel (row i, column j) has its centre at (j + 0.5, i + 0.5); row 0 is the top of the image.
 """
+import json
+import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from threestudio_mv.utils.errors import UserError
 
 Number = Union[float, Tensor]
 
@@ -394,3 +399,61 @@ def plucker_rays(c2w: Tensor, fovy: Tensor, height: int, width: int) -> Tensor:
     rays_o, rays_d = get_rays(camera_ray_directions(height, width, fovy), c2w.float())
     moment = torch.linalg.cross(rays_o, rays_d, dim=-1)
     return torch.cat([rays_d, moment], dim=-1).permute(0, 3, 1, 2).contiguous()
+
+
+TRAJECTORIES = ("bi_direction", "swing", "free")
+
+
+def orbit_trajectory(kind: str, count: int, first_c2w: Tensor, d_phi: float, swing_elevation: float = 10.0) -> Tensor:
+    """``count`` cameras (count, 4, 4) looking at the origin, at the distance and elevation of
+    ``first_c2w`` (4, 4), following MVGenMaster's trajectories in azimuth from that camera's:
+    ``free`` sweeps 0 -> +d_phi (excluding 0), ``bi_direction`` sweeps -d_phi -> +d_phi, ``swing``
+    swings +-d_phi (a sine) while nodding +-``swing_elevation`` degrees."""
+    elevation, azimuth, distance = spherical_from_position(first_c2w[None, :3, 3].float())
+    k = torch.arange(count, dtype=torch.float32)
+    if kind == "free":
+        offsets, nod = d_phi * (k + 1) / count, torch.zeros(count)
+    elif kind == "bi_direction":
+        offsets, nod = torch.linspace(-d_phi, d_phi, count), torch.zeros(count)
+    elif kind == "swing":
+        offsets, nod = d_phi * torch.sin(2 * torch.pi * k / count), swing_elevation * torch.sin(4 * torch.pi * k / count)
+    else:
+        raise ValueError(f"unknown trajectory '{kind}'; use one of {', '.join(TRAJECTORIES)}")
+    return c2w_from_spherical((elevation + nod).clamp(-89.0, 89.0), azimuth + offsets, distance.expand(count))
+
+
+def load_camera_file(path: Union[str, Path], label: str = "cameras") -> Dict[str, Any]:
+    """Cameras from a ``transforms.json``-style file: ``c2w`` (N, 4, 4) from each frame's
+    ``transform_matrix`` and ``fovy`` (N,) degrees from the frame's ``fovy`` or the file's
+    ``camera_angle_x`` (square images), plus the raw ``frames``. A one-line UserError (naming
+    ``label``) for a missing or unreadable file, no frames, a matrix that is not a rotation + translation
+    or a frame without a FOV. Here rather than in a reader of image folders: it needs no images."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{label} '{path}' does not exist")
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{label} '{path}': not readable JSON ({type(error).__name__})") from None
+    frames = meta.get("frames") if isinstance(meta, dict) else None
+    if not isinstance(frames, list) or not frames:
+        raise UserError(f"{label} '{path}' has no frames; give a transforms.json with at least one frame")
+    angle = meta.get("camera_angle_x")
+    c2w, fovy = [], []
+    for index, frame in enumerate(frames):
+        try:
+            matrix = torch.tensor(frame["transform_matrix"], dtype=torch.float64)
+        except (TypeError, ValueError, KeyError, IndexError):
+            matrix = torch.zeros(0)
+        if matrix.shape != (4, 4) or not bool(torch.isfinite(matrix).all()):
+            raise UserError(f"{label} '{path}': frame {index} needs a 4x4 'transform_matrix' of numbers")
+        rotation = matrix[:3, :3]
+        rigid = torch.allclose(rotation.T @ rotation, torch.eye(3, dtype=torch.float64), atol=1e-3) and bool(torch.det(rotation) > 0)
+        if not rigid or not torch.allclose(matrix[3], torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-6):
+            raise UserError(f"{label} '{path}': frame {index} 'transform_matrix' is not a rotation + translation")
+        value = frame.get("fovy", math.degrees(angle) if isinstance(angle, (int, float)) else None)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < 180.0:
+            raise UserError(f"{label} '{path}': frame {index} needs 'fovy' (degrees) or the file's 'camera_angle_x'")
+        c2w.append(matrix.float())
+        fovy.append(float(value))
+    return {"c2w": torch.stack(c2w), "fovy": torch.tensor(fovy), "frames": frames}

@@ -50,7 +50,7 @@ def _render(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from threestudio_mv.data.procedural import parse_caption, render_views
-    from threestudio_mv.utils.camera import CameraLight, view_group
+    from threestudio_mv.utils.camera import CameraLight, load_camera_file, spherical_from_position, view_group
     from threestudio_mv.utils.io import save_image, save_json
 
     asset = parse_caption(args.prompt)
@@ -58,9 +58,15 @@ def _render(args: argparse.Namespace) -> None:
     if args.views < 1 or args.size < 1:
         raise UserError("--views and --size must be positive")
     out = Path(args.out)
-    cameras = view_group(args.views, args.elevation, fovy=args.fovy, relative_distance=args.distance)
+    if args.cameras:  # ground truth at given cameras (e.g. the targets of novel-view synthesis)
+        given = load_camera_file(args.cameras, "--cameras")
+        elevation, azimuth, distance = spherical_from_position(given["c2w"][:, :3, 3])
+        cameras = {"c2w": given["c2w"], "fovy": given["fovy"], "elevation": elevation, "azimuth": azimuth, "camera_distances": distance}
+    else:
+        cameras = view_group(args.views, args.elevation, fovy=args.fovy, relative_distance=args.distance)
+    count = cameras["c2w"].shape[0]
     frames = []
-    for i in tqdm(range(args.views), desc="rendering", unit="view"):
+    for i in tqdm(range(count), desc="rendering", unit="view"):
         view = render_views(asset, cameras["c2w"][i : i + 1], cameras["fovy"][i : i + 1], args.size, light=light)
         rgba = torch.cat([view["rgb_fg"][0], view["alpha"][0, ..., None]], dim=-1)
         save_image(out / f"rgb_{i:03d}.png", rgba)
@@ -80,7 +86,7 @@ def _render(args: argparse.Namespace) -> None:
         out / "transforms.json",
         {
             "caption": asset.caption,
-            "camera_angle_x": math.radians(args.fovy),
+            "camera_angle_x": math.radians(float(cameras["fovy"][0])),
             "w": args.size,
             "h": args.size,
             "convention": "transform_matrix is camera-to-world; OpenGL camera axes (x right, y up, looking "
@@ -93,7 +99,7 @@ def _render(args: argparse.Namespace) -> None:
             "frames": frames,
         },
     )
-    print(f"wrote {args.views} views of '{asset.caption}' to {out}")
+    print(f"wrote {count} views of '{asset.caption}' to {out}")
 
 
 def _mesh(args: argparse.Namespace) -> None:
@@ -154,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--elevation", type=float, default=15.0)
     render.add_argument("--fovy", type=float, default=40.0)
     render.add_argument("--distance", type=float, default=0.92, help="relative distance (scaled by 1/tan(fovy/2))")
+    render.add_argument("--cameras", default=None, help="a transforms.json whose frames give the cameras (replaces the orbit: "
+                        "--views, --elevation, --fovy, --distance are ignored)")
     render.set_defaults(run=_render)
 
     mesh = commands.add_parser("mesh", help="export the ground-truth coloured mesh (.ply/.obj/.glb)")

@@ -1,0 +1,273 @@
+"""Novel views from posed images (MVGenMaster at toy scale): warp, cameras, model, CLI."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+from threestudio_mv.data.procedural import __main__ as procedural_cli
+from threestudio_mv.models.depth_estimator import DepthEstimator, DepthMetadata, depth_unet_config
+from threestudio_mv.models.mvdiffusion import novel_views as nv
+from threestudio_mv.models.mvdiffusion.sampler import noise_targets, target_loss, training_target
+from threestudio_mv import nvs
+from threestudio_mv.utils.camera import look_at_c2w, orbit_trajectory, plucker_rays, project_points, relative_cameras
+from threestudio_mv.utils.io import load_image
+from threestudio_mv.utils.warp import backproject, splat, warp_references
+
+CAPTION = "a red mushroom with a white stem"
+
+
+@pytest.fixture(scope="module")
+def views():
+    cams = nv.random_cameras(4, torch.Generator().manual_seed(3))
+    return {**nv.render_with_depth(CAPTION, cams["c2w"], cams["fovy"], 32), **cams}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = nv.NovelViewModel.create()
+    with torch.no_grad():  # a non-zero prior encoder, so that the priors matter
+        model.encoder.out.weight.normal_(0.0, 0.05)
+    return model.save_pretrained(tmp_path_factory.mktemp("nvs") / "model")
+
+
+@pytest.fixture(scope="module")
+def depth_dir(tmp_path_factory):
+    return DepthEstimator(UNet2DModel(**depth_unet_config()), DepthMetadata()).save_pretrained(
+        tmp_path_factory.mktemp("depth") / "model")
+
+
+# ------------------------------------------------------------------------------------------- warp
+def test_warp_into_own_camera_reproduces_the_render(views):
+    out = warp_references(views["rgb"][:1], views["depth"][:1], views["c2w"][:1], views["fovy"][:1], views["c2w"][:1], views["fovy"][:1], 32)
+    covered = views["depth"][0] > 0
+    assert covered.sum() > 50
+    assert torch.equal(out["valid"][0, 0] > 0.5, covered)
+    assert torch.allclose(out["values"][0][:, covered], views["rgb"][0][:, covered], atol=1e-6)
+    assert torch.allclose(out["depth"][0, 0][covered], views["depth"][0][covered], rtol=1e-4)
+
+
+def test_a_point_seen_by_two_references_lands_where_both_put_it():
+    point = torch.tensor([0.3, -0.2, 0.4])
+    size, fovy = 33, torch.tensor([40.0, 40.0])  # odd size: the centre pixel's ray is the optical axis
+    positions = torch.tensor([[3.0, 0.5, 1.0], [0.2, 2.8, 1.5]])
+    refs = look_at_c2w(positions, point.expand(2, 3))
+    depth = torch.zeros(2, size, size)
+    depth[:, size // 2, size // 2] = (positions - point).norm(dim=-1)
+    points = backproject(depth, refs, fovy)[:, size // 2, size // 2]
+    assert torch.allclose(points, point.expand(2, 3), atol=1e-5)
+    target = look_at_c2w(torch.tensor([[-1.0, 2.5, 2.0]]))
+    expected = project_points(point[None], target[0], 40.0, size, size)[0]
+    for used in ([0], [1], [0, 1]):
+        rgb = torch.ones(len(used), 3, size, size) * torch.tensor(used, dtype=torch.float32).view(-1, 1, 1, 1)
+        out = warp_references(rgb, depth[used], refs[used], fovy[used], target, fovy[:1], size)
+        landed = (out["valid"][0, 0] > 0.5).nonzero()
+        assert landed.tolist() == [[int(expected[1]), int(expected[0])]]
+        assert out["depth"][0, 0, int(expected[1]), int(expected[0])] == pytest.approx(float(expected[2]), rel=1e-4)
+
+
+def test_splat_keeps_the_nearest_point_across_sources():
+    camera = look_at_c2w(torch.tensor([[0.0, 0.0, 3.0]]) + torch.tensor([[1e-3, 0.0, 0.0]]))
+    points = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.5], [0.0, 0.0, -0.5]])  # one pixel, three depths
+    out = splat(points, torch.tensor([[1.0], [2.0], [3.0]]), camera, torch.tensor([40.0]), 9, 9)
+    assert out["valid"].sum() == 1
+    assert out["values"].max() == 2.0  # the point at z = 0.5 is nearest to the camera at z = 3
+    assert out["depth"].max() == pytest.approx(2.5, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------- cameras
+def test_plucker_rays_of_a_known_camera():
+    c2w = torch.eye(4)[None].clone()
+    c2w[0, :3, 3] = torch.tensor([1.0, 2.0, 3.0])
+    rays = plucker_rays(c2w, torch.tensor([60.0]), 5, 5)
+    assert rays.shape == (1, 6, 5, 5)
+    assert torch.allclose(rays[0, :3, 2, 2], torch.tensor([0.0, 0.0, -1.0]))
+    assert torch.allclose(rays[0, 3:, 2, 2], torch.tensor([-2.0, 1.0, 0.0]))  # o x d
+    assert torch.allclose(rays[0, :3].norm(dim=0), torch.ones(5, 5), atol=1e-6)
+    assert torch.allclose((rays[0, :3] * rays[0, 3:]).sum(dim=0), torch.zeros(5, 5), atol=1e-5)
+    corner = rays[0, :3, 0, 4]  # top right: x right, y up
+    assert corner[0] > 0 and corner[1] > 0
+
+
+def test_relative_cameras_normalise_to_the_first_and_cap_the_box():
+    c2w = look_at_c2w(torch.tensor([[4.0, 0.0, 1.0], [-4.0, 0.5, 1.0], [0.0, 4.0, 2.0]]))
+    relative, scale = relative_cameras(c2w, c2w[0], longest_side=5.0)
+    assert torch.allclose(relative[0], torch.eye(4), atol=1e-5)
+    centres = relative[:, :3, 3]
+    assert (centres.max(0).values - centres.min(0).values).max() == pytest.approx(5.0, rel=1e-4)
+    unscaled = torch.linalg.inv(c2w[0])[None] @ c2w
+    assert torch.allclose(centres, scale * unscaled[:, :3, 3], atol=1e-5) and scale < 1.0
+    assert torch.allclose(relative[:, :3, :3], unscaled[:, :3, :3], atol=1e-6)
+    assert relative_cameras(c2w, c2w[0], longest_side=100.0)[1] == 1.0
+
+
+def test_orbit_trajectories():
+    first = look_at_c2w(torch.tensor([[2.0, 0.0, 0.5]]))[0]
+    bi = orbit_trajectory("bi_direction", 5, first, 90.0)
+    assert bi.shape == (5, 4, 4)
+    assert torch.allclose(bi[2, :3, 3], first[:3, 3], atol=1e-5)  # the middle frame is the reference's camera
+    assert torch.allclose(bi[:, :3, 3].norm(dim=-1), first[:3, 3].norm().expand(5), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown trajectory"):
+        orbit_trajectory("disorder", 3, first, 90.0)
+
+
+# ------------------------------------------------------------------------------------------- model
+def test_zeroed_priors_equal_the_unconditional_branch(model_dir, views):
+    model = nv.NovelViewModel.from_pretrained(model_dir)
+    cond = nv.frame_conditions(views["rgb"][:2], views["depth"][:2], views["c2w"][:2], views["fovy"][:2], views["c2w"][2:], views["fovy"][2:], model.metadata)
+    uncond = nv.drop_conditions(cond, cameras=True, priors=True)
+    assert torch.equal(uncond[:, nv.MASK], cond[:, nv.MASK]) and uncond[:, 1:].abs().sum() == 0
+    refs = views["rgb"][:2]
+    run = lambda c, s: nv.generate_views(model, c, refs, s, 2, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    assert torch.allclose(run(uncond, 1.0), run(uncond, 4.0), atol=1e-5)  # zero priors + cameras: CFG has nothing to add
+    assert not torch.allclose(run(cond, 1.0), run(uncond, 1.0), atol=1e-3)  # the priors change the output
+
+
+def test_references_come_out_unchanged_and_key_rescale_acts(model_dir, views):
+    model = nv.NovelViewModel.from_pretrained(model_dir)
+    cond = nv.frame_conditions(views["rgb"][:2], views["depth"][:2], views["c2w"][:2], views["fovy"][:2], views["c2w"][2:], views["fovy"][2:], model.metadata)
+    two = torch.cat([cond, cond])
+    out = nv.generate_views(model, two, torch.cat([views["rgb"][:2]] * 2), 2.0, 2, generator=torch.Generator().manual_seed(0), num_samples=2)
+    assert out.shape == (8, 3, 32, 32)
+    assert torch.equal(out[:2], views["rgb"][:2]) and torch.equal(out[4:6], views["rgb"][:2])
+    sample, t = torch.randn(4, 3, 32, 32), torch.tensor(500)
+    with torch.no_grad():
+        plain = model(sample, t, cond, 4, 2, 1.0)
+        rescaled = model(sample, t, cond, 4, 2, 1.5)
+    assert not torch.allclose(plain, rescaled, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(plain, model(sample, t, cond, 4, 0, 1.5))  # no references: nothing to rescale
+
+
+def test_fresh_prior_encoder_is_the_identity_and_folder_round_trips(model_dir, views, tmp_path):
+    fresh = nv.NovelViewModel.create().eval()
+    cond = nv.frame_conditions(views["rgb"][:1], views["depth"][:1], views["c2w"][:1], views["fovy"][:1], views["c2w"][1:], views["fovy"][1:], fresh.metadata)
+    no_ccm = cond.clone()
+    no_ccm[:, nv.PIXEL_CONDITION_CHANNELS:] = 0.0
+    sample = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(sample, torch.tensor(10), cond, 4), fresh(sample, torch.tensor(10), no_ccm, 4))
+        loaded = nv.NovelViewModel.from_pretrained(fresh.save_pretrained(tmp_path / "m"))
+        assert torch.allclose(fresh(sample, torch.tensor(10), cond, 4), loaded(sample, torch.tensor(10), cond, 4), atol=2e-2)
+    unet = UNet2DConditionModel.from_pretrained(str(model_dir / "unet"))
+    assert unet.config.in_channels == 3 + nv.PIXEL_CONDITION_CHANNELS
+    with pytest.raises(nv.UserError, match="not a novel-view model folder"):
+        nv.NovelViewModel.from_pretrained(tmp_path)
+
+
+def test_training_loss_goes_down_on_targets_only():
+    torch.manual_seed(0)
+    model = nv.NovelViewModel.create(nv.NovelViewMetadata(frames_per_sample=4)).train()
+    sample = nv.training_sample(CAPTION, 2, model.metadata, torch.Generator().manual_seed(1))
+    scheduler = DDPMScheduler.from_config(model.scheduler_config)
+    is_reference = torch.arange(4) < 2
+    noise, t = torch.randn(4, 3, 32, 32), torch.full((4,), 400)
+    noisy = noise_targets(scheduler, sample["clean"], noise, t, is_reference)
+    assert torch.equal(noisy[:2], sample["clean"][:2])
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(10):
+        loss = target_loss(model(noisy, t, sample["condition"], 4), training_target(scheduler, sample["clean"], noise, t), is_reference)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_train_checkpoints_and_resumes(tmp_path, capsys):
+    cfg = nv.TrainConfig(out=tmp_path / "run", steps=1, samples_per_step=1, frames=4, ckpt_every=1, command="test")
+    nv.train(cfg)
+    nv.train(nv.TrainConfig(out=tmp_path / "run", steps=2, samples_per_step=1, frames=4, ckpt_every=1, command="test"))
+    assert "resumed train nvs from step 1" in capsys.readouterr().out
+    assert len((tmp_path / "run" / "log.csv").read_text().splitlines()) == 2
+    assert nv.NovelViewModel.from_pretrained(tmp_path / "run" / "model").metadata.training_command == "test"
+
+
+def test_depth_estimator_masks_and_round_trips(depth_dir, views):
+    model = DepthEstimator.from_pretrained(depth_dir)
+    depth = model.estimate(views["rgb"], views["fovy"], views["alpha"])
+    assert depth.shape == (4, 32, 32)
+    assert torch.equal(depth > 0, views["alpha"] >= 0.5)
+
+
+# ------------------------------------------------------------------------------------------- CLIs
+@pytest.fixture(scope="module")
+def posed_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("posed") / "refs"
+    procedural_cli.main(["render", "--prompt", CAPTION, "--views", "2", "--size", "32", "--out", str(folder)])
+    return folder
+
+
+def test_render_at_given_cameras_reproduces_the_orbit(posed_folder, tmp_path):
+    procedural_cli.main(["render", "--prompt", CAPTION, "--cameras", str(posed_folder / "transforms.json"), "--size", "32", "--out", str(tmp_path / "again")])
+    for index in range(2):
+        assert np.array_equal(load_image(posed_folder / f"rgb_{index:03d}.png"), load_image(tmp_path / "again" / f"rgb_{index:03d}.png"))
+
+
+def test_cli_writes_views_and_target_cameras_in_order(model_dir, posed_folder, tmp_path):
+    out = tmp_path / "out"
+    nvs.main(["--input_path", str(posed_folder), "--output_path", str(out), "--model", str(model_dir), "--nframe", "5", "--steps", "1"])
+    meta = json.loads((out / "transforms.json").read_text())
+    assert len(meta["frames"]) == 5 and (out / "video.mp4").is_file()
+    reference = load_image(out / meta["frames"][0]["file_path"])
+    given = load_image(posed_folder / "rgb_000.png")
+    assert np.allclose(reference[..., 3], given[..., 3], atol=1 / 255 + 1e-6)
+    assert meta["generator"]["depth"] == "given"
+    targets = tmp_path / "targets.json"
+    c2w = look_at_c2w(torch.tensor([[2.5, 0.0, 0.8], [0.0, -2.5, 0.3], [-1.0, 2.0, 1.5]]))
+    targets.write_text(json.dumps({"camera_angle_x": math.radians(40.0), "frames": [{"transform_matrix": m.tolist()} for m in c2w]}))
+    nvs.main(["--input_path", str(posed_folder), "--output_path", str(tmp_path / "t"), "--model", str(model_dir), "--target_cameras", str(targets), "--steps", "1"])
+    written = json.loads((tmp_path / "t" / "transforms.json").read_text())["frames"]
+    assert np.allclose(np.array([f["transform_matrix"] for f in written]), c2w.numpy(), atol=1e-6)
+    assert all((tmp_path / "t" / f["file_path"]).is_file() for f in written)
+
+
+def test_single_image_uses_the_depth_estimator(model_dir, depth_dir, posed_folder, tmp_path):
+    nvs.main(["--input_path", str(posed_folder / "rgb_000.png"), "--output_path", str(tmp_path / "one"), "--model", str(model_dir),
+              "--depth_model", str(depth_dir), "--nframe", "3", "--steps", "1"])
+    meta = json.loads((tmp_path / "one" / "transforms.json").read_text())
+    assert meta["generator"]["depth"] == "estimated" and len(meta["frames"]) == 3
+
+
+def _folder(tmp_path, frames, write_image=True):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    if write_image:
+        from threestudio_mv.utils.io import save_image
+
+        save_image(folder / "a.png", np.ones((32, 32, 4), dtype=np.float32))
+    (folder / "transforms.json").write_text(json.dumps({"camera_angle_x": 0.7, "frames": frames}))
+    return folder
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_transforms", "without transforms.json"),
+    ("not_rigid", "not a rigid camera-to-world pose"),
+    ("missing_image", "not found"),
+    ("zero_references", "0 references"),
+    ("empty_targets", "has no frames"),
+])
+def test_bad_input_is_one_line_exit_2(case, message, model_dir, posed_folder, tmp_path, capsys):
+    good = {"file_path": "a.png", "transform_matrix": torch.eye(4).tolist()}
+    args = ["--output_path", str(tmp_path / "o"), "--model", str(model_dir), "--steps", "1"]
+    if case == "no_transforms":
+        (tmp_path / "empty").mkdir()
+        args += ["--input_path", str(tmp_path / "empty")]
+    elif case == "not_rigid":
+        args += ["--input_path", str(_folder(tmp_path, [{**good, "transform_matrix": (2 * torch.eye(4)).tolist()}]))]
+    elif case == "missing_image":
+        args += ["--input_path", str(_folder(tmp_path, [{**good, "file_path": "b.png"}]))]
+    elif case == "zero_references":
+        args += ["--input_path", str(_folder(tmp_path, []))]
+    else:
+        (tmp_path / "t.json").write_text(json.dumps({"camera_angle_x": 0.7, "frames": []}))
+        args += ["--input_path", str(posed_folder), "--target_cameras", str(tmp_path / "t.json")]
+    with pytest.raises(SystemExit) as raised:
+        nvs.main(args)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err

@@ -1,0 +1,78 @@
+"""Depth warping: back-project pixels through their depth, splat them into other cameras with a z-buffer.
+
+MVGenMaster's priors: every reference pixel with a depth becomes a world point; each point is projected
+into every target camera, rounded to the nearest pixel and kept where it is the nearest point of that
+pixel over all references (a z-buffer across references). Written here in pure torch because the
+operation is a scatter-min over integer pixel indices: PyTorch3D's point rasteriser (the library that
+does it) is not among our dependencies and builds CUDA extensions, and kornia's ``warp_frame_depth``
+samples the source at the target's depth (an inverse warp), which needs the target depth we lack.
+"""
+from typing import Dict
+
+import torch
+from torch import Tensor
+
+from threestudio_mv.utils.camera import camera_ray_directions, focal_from_fovy
+
+
+def backproject(depth: Tensor, c2w: Tensor, fovy: Tensor) -> Tensor:
+    """World points (B, H, W, 3) of pixels with z-depth ``depth`` (B, H, W) (distance along the view
+    axis) seen by cameras c2w (B, 4, 4) with vertical FOV ``fovy`` (B,) degrees."""
+    height, width = depth.shape[-2:]
+    directions = camera_ray_directions(height, width, fovy.to(depth.device))  # z = -1: scale by the z-depth
+    points = directions * depth[..., None]
+    return torch.einsum("bij,bhwj->bhwi", c2w[:, :3, :3].float(), points) + c2w[:, None, None, :3, 3].float()
+
+
+def splat(points: Tensor, values: Tensor, c2w: Tensor, fovy: Tensor, height: int, width: int) -> Dict[str, Tensor]:
+    """Z-buffered splatting of world ``points`` (N, 3) carrying ``values`` (N, C) into cameras c2w
+    (T, 4, 4), fovy (T,) degrees, at height x width. Each point lands on the pixel containing its
+    projection; where several land on one pixel the nearest (smallest z-depth) wins.
+
+    Returns ``values`` (T, C, H, W) (0 where nothing landed), ``valid`` (T, 1, H, W) float and
+    ``depth`` (T, 1, H, W) (the winner's z-depth, 0 where invalid)."""
+    targets, count, channels = c2w.shape[0], points.shape[0], values.shape[-1]
+    w2c = torch.linalg.inv(c2w.float())
+    cam = torch.einsum("tij,nj->tni", w2c[:, :3, :3], points.float()) + w2c[:, None, :3, 3]
+    z = -cam[..., 2]  # (T, N) z-depth
+    focal = focal_from_fovy(fovy.reshape(-1).float().to(points.device), height)[:, None]
+    safe = torch.where(z > 1e-6, z, torch.ones_like(z))
+    col = torch.floor(cam[..., 0] / safe * focal + 0.5 * width).long()
+    row = torch.floor(-cam[..., 1] / safe * focal + 0.5 * height).long()
+    inside = (z > 1e-6) & (col >= 0) & (col < width) & (row >= 0) & (row < height)
+    pixel = (torch.arange(targets, device=points.device)[:, None] * height + row) * width + col  # (T, N)
+    pixel, z_in = pixel[inside], z[inside]
+    total = targets * height * width
+    nearest = torch.full((total,), float("inf"), device=points.device).scatter_reduce(0, pixel, z_in, reduce="amin")
+    winner = z_in <= nearest[pixel]  # ties: any of the tied points (equal depth) may be written
+    out = torch.zeros(total, channels, device=points.device)
+    source = values[None].expand(targets, count, channels)[inside][winner].float()
+    out[pixel[winner]] = source
+    valid = torch.isfinite(nearest)
+    depth = torch.where(valid, nearest, torch.zeros_like(nearest))
+    shape = (targets, height, width)
+    return {
+        "values": out.reshape(*shape, channels).permute(0, 3, 1, 2).contiguous(),
+        "valid": valid.reshape(shape)[:, None].float(),
+        "depth": depth.reshape(shape)[:, None],
+    }
+
+
+def warp_references(
+    rgb: Tensor, depth: Tensor, c2w: Tensor, fovy: Tensor, target_c2w: Tensor, target_fovy: Tensor, size: int
+) -> Dict[str, Tensor]:
+    """Warp reference images into target cameras through their depth (nearest wins across references).
+
+    ``rgb`` (R, C, H, W) (any values: colours, coordinates), ``depth`` (R, H, W) z-depth (<= 0: no
+    depth, e.g. background), cameras c2w (R, 4, 4), fovy (R,); targets (T, 4, 4), (T,); output
+    resolution ``size``. Returns :func:`splat`'s dict plus ``points`` (T, 3, size, size): the world
+    point each target pixel received (0 where invalid).
+    """
+    points = backproject(depth, c2w, fovy)
+    keep = depth > 0
+    world = points[keep]
+    colours = rgb.permute(0, 2, 3, 1)[keep]
+    result = splat(world, torch.cat([colours, world], dim=-1), target_c2w, target_fovy, size, size)
+    channels = rgb.shape[1]
+    values = result.pop("values")
+    return {"values": values[:, :channels], "points": values[:, channels:], **result}
