@@ -1,0 +1,266 @@
+"""Evaluate image-to-3D (the image-to-views model + reconstruction) on held-out procedural assets and
+on outside meshes, against two baselines, in one run.
+
+    python -m threestudio_mv.eval.image_to_3d [--model DIR] [--assets 3] [--inputs 1 2 4]
+        [--baseline-inputs 1 2 4] [--meshes teddy:brown blub:orange] [--out DIR] [--jobs 2]
+
+Per object (a held-out caption, or an outside mesh coloured with a named colour), 4 input images at
+random poses over the training ranges (the first at a random azimuth), rendered at 64 px and written
+as RGBA PNGs. For each input count K:
+
+- **ours**: ``launch.py --config configs/image-to-3d.yaml --train --export data.image_path=<K inputs>``,
+  the one command a user runs, timed (seconds from image to mesh). Its 16 generated views are scored
+  against true renders at the same cameras (PSNR, SSIM, silhouette IoU, colour delta-E over pixels
+  both call foreground); its mesh, turned from the input's frame into the world by the first input's
+  true azimuth, against the true shape (volumetric IoU, Chamfer-L1, surface colour delta-E).
+- **no global attention** (K = 1 only): the same model with per-view attention; views scored alike.
+- **posed inputs** (the ``--baseline-inputs`` counts): ``configs/reconstruction.yaml`` fitted to the
+  K inputs alone at their TRUE cameras (which this method never gets), with the same fitting settings
+  (steps, rays, size); mesh scored alike.
+
+Writes ``results.json`` (rows + summary) and ``sheet.png`` (per object and K: inputs | 8 generated
+views at elevation 0 | the true views), and prints the summary as JSON.
+"""
+import argparse
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import trimesh
+
+from threestudio_mv.data.foreground import load_object_image
+from threestudio_mv.data.posed_images import load_posed_images
+from threestudio_mv.eval.metrics import mesh_from_export
+from threestudio_mv.eval.text_to_3d import shape_and_colour_scores
+from threestudio_mv.models.mvdiffusion.image_to_views import (
+    ImageToViewsMetadata,
+    ImageToViewsModel,
+    generate_views,
+    random_input_cameras,
+    target_cameras,
+    rgba_view_scores,
+)
+from threestudio_mv.utils.camera import CameraLight
+from threestudio_mv.utils.errors import UserError, exit_on_user_error
+from threestudio_mv.utils.io import image_grid, save_image, save_json
+from threestudio_mv.utils.trial import run_trial
+
+MESH_DIR = Path(__file__).resolve().parents[3] / "shared" / "meshes"  # the project's outside meshes, beside the checkout
+INPUT_SIZE = 64
+# The fitting settings of configs/image-to-3d.yaml, given to the posed-inputs baseline too.
+FIT_OVERRIDES = ["data.rays_per_batch=2048", "system.exporter.texture_size=512"]
+
+
+class Subject:
+    """An object to evaluate: renders (premultiplied RGBA (N, S, S, 4)) at any cameras, and its true shape."""
+
+    def __init__(self, name: str, render: Any, mesh: trimesh.Trimesh, sdf: Any = None, albedo: Any = None) -> None:
+        self.name, self.render, self.mesh, self.sdf, self.albedo = name, render, mesh, sdf, albedo
+
+
+def procedural_subject(caption: str) -> Subject:
+    from threestudio_mv.data.procedural import asset_mesh, parse_caption
+    from threestudio_mv.data.procedural.render import render_views
+
+    asset = parse_caption(caption)
+
+    def render(c2w: torch.Tensor, fovy: torch.Tensor, size: int) -> torch.Tensor:
+        out = render_views(asset, c2w, fovy, size)
+        return torch.cat([out["rgb_fg"] * out["alpha"][..., None], out["alpha"][..., None]], dim=-1)
+
+    return Subject(caption, render, asset_mesh(asset), asset.sdf, asset.albedo)
+
+
+def mesh_subject(spec: str, mesh_dir: Path) -> Subject:
+    """``name:colour`` (``name``.obj of ``mesh_dir``, or a path; +y up) coloured with a named colour."""
+    from threestudio_mv.data.mesh_render import load_subject_mesh, parse_colour, render_mesh
+
+    name, _, colour = spec.partition(":")
+    path = Path(name) if Path(name).suffix else mesh_dir / f"{name}.obj"
+    if not path.is_file():
+        raise UserError(f"--meshes '{spec}': no mesh file '{path}'")
+    mesh = load_subject_mesh(path, "+y", parse_colour(colour or "gray"))
+
+    def render(c2w: torch.Tensor, fovy: torch.Tensor, size: int) -> torch.Tensor:
+        out = render_mesh(mesh, c2w, fovy, size)
+        return torch.cat([out["rgb_fg"] * out["alpha"][..., None], out["alpha"][..., None]], dim=-1)
+
+    return Subject(f"{path.stem} ({colour or 'gray'})", render, mesh)
+
+
+def straight(premultiplied: torch.Tensor) -> torch.Tensor:
+    """Premultiplied RGBA (..., 4) -> straight alpha (what a PNG holds)."""
+    alpha = premultiplied[..., 3:]
+    return torch.cat([premultiplied[..., :3] / alpha.clamp_min(1e-3) * (alpha > 0), alpha], dim=-1).clamp(0.0, 1.0)
+
+
+def write_posed_inputs(folder: Path, images: torch.Tensor, cameras: Dict[str, torch.Tensor]) -> Path:
+    """Input renders as RGBA PNGs + a transforms.json with their TRUE cameras (the baseline's data)."""
+    light = CameraLight()
+    frames = []
+    for i, image in enumerate(images):
+        save_image(folder / f"input_{i}.png", straight(image))
+        frames.append({"file_path": f"input_{i}.png", "transform_matrix": cameras["c2w"][i].tolist()})
+    fovy = float(cameras["fovy"][0])
+    save_json(folder / "transforms.json", {
+        "camera_angle_x": math.radians(fovy), "frames": frames,
+        "light": {"direction_camera": list(light.direction_camera), "ambient_ratio": light.ambient_ratio},
+    })
+    return folder
+
+
+def turned(mesh: trimesh.Trimesh, azimuth_deg: float) -> trimesh.Trimesh:
+    """``mesh`` from the first input's frame (its azimuth at 0) into the world (its azimuth at ``azimuth_deg``)."""
+    out = mesh.copy()
+    out.apply_transform(trimesh.transformations.rotation_matrix(math.radians(azimuth_deg), [0, 0, 1]))
+    return out
+
+
+def fit(arguments: List[str], threads: int) -> Dict[str, Any]:
+    """Run one CLI trial; seconds and the export folder (or the error)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start = time.time()
+    run = run_trial(arguments, env=env)
+    seconds = time.time() - start
+    if run.returncode != 0 or run.export_dir is None:
+        return {"seconds": seconds, "error": " ".join(run.stderr.strip().splitlines()[-1:])}
+    return {"seconds": seconds, "export": run.export_dir}
+
+
+def evaluate_subject(
+    subject: Subject, kind: str, index: int, model: ImageToViewsModel, model_dir: Optional[str], args: argparse.Namespace
+) -> Dict[str, Any]:
+    """All rows of one subject, and its sheet rows."""
+    meta: ImageToViewsMetadata = model.metadata
+    generator = torch.Generator().manual_seed(args.seed * 1000 + index)
+    # One FOV per subject: the posed baseline's transforms.json has one camera_angle_x.
+    cameras = random_input_cameras(max(args.inputs + args.baseline_inputs), generator, one_fovy=True)
+    azimuth0 = float(cameras["azimuth"][0])
+    renders = subject.render(cameras["c2w"], cameras["fovy"], INPUT_SIZE)
+    root = Path(args.out) / f"{kind}-{index}"
+    truth_cams = target_cameras(meta, azimuth0)
+    truth = subject.render(truth_cams["c2w"], truth_cams["fovy"], meta.image_size)
+    back = torch.tensor(meta.background)
+    over = lambda rgba: rgba[..., :3] + back * (1.0 - rgba[..., 3:])  # noqa: E731
+    gt_kwargs = {"gt_sdf": subject.sdf, "gt_albedo": subject.albedo}
+    common = [f"exp_root_dir={root}", "use_timestamp=false", "trainer.enable_progress_bar=false",
+              f"trainer.max_steps={args.fit_steps}", f"trainer.val_check_interval={args.fit_steps}"]
+    rows, sheet = [], []
+    jobs = []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for count in sorted(set(args.inputs)):
+            folder = root / f"inputs-{count}"
+            for i in range(count):
+                save_image(folder / f"input_{i}.png", straight(renders[i]))
+            views_dir = root / f"views-{count}"
+            overrides = [f"data.image_path={folder}", f"data.views_dir={views_dir}", *common, "name=ours", f"tag=k{count}"]
+            if model_dir:
+                overrides.append(f"data.model={model_dir}")
+            jobs.append(("ours", count, views_dir, pool.submit(fit, ["--config", "image-to-3d", "--train", "--export", *overrides], args.threads)))
+        for count in sorted(set(args.baseline_inputs)):
+            folder = write_posed_inputs(root / f"posed-{count}", renders[:count], {k: v[:count] for k, v in cameras.items()})
+            overrides = [f"data.root={folder}", *common, "name=posed", f"tag=k{count}", f"data.batch_size={min(count, 4)}", *FIT_OVERRIDES]
+            jobs.append(("posed inputs", count, None, pool.submit(fit, ["--config", "reconstruction", "--train", "--export", *overrides], args.threads)))
+        for method, count, views_dir, future in jobs:
+            result = future.result()
+            row: Dict[str, Any] = {"subject": subject.name, "kind": kind, "method": method, "inputs": count,
+                                   "seconds": round(result["seconds"], 1)}
+            if "error" in result:
+                rows.append({**row, "error": result["error"]})
+                continue
+            mesh = mesh_from_export(result["export"])
+            if method == "ours":
+                mesh = turned(mesh, azimuth0)
+                generated = load_posed_images(views_dir, meta.image_size, meta.image_size, tuple(meta.background))
+                views = torch.cat([generated.rgb, generated.mask], dim=-1).permute(0, 3, 1, 2)
+                row.update({f"views_{k}": v for k, v in rgba_view_scores(views, truth, meta.background).items()})
+                inputs = [over(load_object_image(views_dir.parent / f"inputs-{count}" / f"input_{i}.png", meta.image_size, meta.object_fraction)) for i in range(count)]
+                blank = torch.ones_like(inputs[0])
+                sheet.append(inputs + [blank] * (4 - count) + [generated.rgb[i] for i in range(meta.target_azimuths)])
+                if count == 1:
+                    sheet.append([blank] * 4 + [over(t) for t in truth[: meta.target_azimuths]])
+            scores = shape_and_colour_scores(mesh, subject.mesh, **{k: v for k, v in gt_kwargs.items() if v is not None})
+            rows.append({**row, **{f"mesh_{k}": round(float(v), 4) for k, v in scores.items()}})
+    # The ablation: global attention off (the targets see neither the inputs nor each other).
+    first = load_object_image(root / "inputs-1" / "input_0.png", meta.image_size, meta.object_fraction)[None]
+    ablated = generate_views(model, first, args.seed, global_attention=False)
+    rows.append({"subject": subject.name, "kind": kind, "method": "no global attention", "inputs": 1,
+                 **{f"views_{k}": v for k, v in rgba_view_scores(ablated, truth, meta.background).items()}})
+    sheet.append([torch.ones_like(over(first[0]))] * 4 + [v[:3].permute(1, 2, 0) for v in ablated[: meta.target_azimuths]])
+    return {"rows": rows, "sheet": sheet}
+
+
+def summarise(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Mean of every metric per (kind, method, inputs)."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(f"{row['kind']} | {row['method']} | {row['inputs']}", []).append(row)
+    summary = {}
+    for key, members in groups.items():
+        metrics = sorted({k for r in members for k in r if k.startswith(("views_", "mesh_")) or k == "seconds"})
+        summary[key] = {m: round(float(np.nanmean([r[m] for r in members if m in r])), 4) for m in metrics if any(m in r for r in members)}
+        summary[key]["n"] = len(members)
+        errors = [r["error"] for r in members if "error" in r]
+        if errors:
+            summary[key]["errors"] = errors
+    return summary
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m threestudio_mv.eval.image_to_3d", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="image-to-views model folder (default: the bundled i2mv-tiny)")
+    parser.add_argument("--assets", type=int, default=3, help="held-out procedural assets")
+    parser.add_argument("--inputs", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--baseline-inputs", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument("--meshes", nargs="*", default=["teddy:brown", "blub:orange"], help="outside meshes as name:colour")
+    parser.add_argument("--mesh-dir", type=Path, default=MESH_DIR, help="folder of the --meshes names")
+    parser.add_argument("--mesh-inputs", type=int, nargs="+", default=[1], help="input counts for the outside meshes")
+    parser.add_argument("--fit-steps", type=int, default=200, help="reconstruction steps (configs/image-to-3d.yaml's)")
+    parser.add_argument("--out", default="outputs/eval/image-to-3d")
+    parser.add_argument("--jobs", type=int, default=2, help="trials run at once")
+    parser.add_argument("--threads", type=int, default=1, help="threads per trial")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if 1 not in args.inputs:
+        raise UserError("--inputs must include 1 (the ablation and the sheet use one input)")
+    if max(args.inputs + args.baseline_inputs) > 4:
+        raise UserError("input counts go up to 4")
+    return args
+
+
+@exit_on_user_error
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from threestudio_mv.data.procedural.captions import vocabulary
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = ImageToViewsModel.from_pretrained(args.model)
+    captions = vocabulary("heldout")
+    picks = torch.randperm(len(captions), generator=torch.Generator().manual_seed(args.seed))[: args.assets].tolist()
+    subjects = [("heldout", procedural_subject(captions[p])) for p in picks] + [("outside", mesh_subject(s, args.mesh_dir)) for s in args.meshes]
+    rows: List[Dict[str, Any]] = []
+    sheet: List[List[Any]] = []
+    for index, (kind, subject) in enumerate(subjects):
+        run_args = args if kind == "heldout" else argparse.Namespace(**{**vars(args), "inputs": args.mesh_inputs, "baseline_inputs": args.mesh_inputs})
+        result = evaluate_subject(subject, kind, index, model, args.model, run_args)
+        rows.extend(result["rows"])
+        sheet.extend(result["sheet"])
+        save_json(Path(args.out) / "results.json", {"rows": rows, "summary": summarise(rows)})
+        print(f"{subject.name}: done", flush=True)
+    out = Path(args.out)
+    save_image(out / "sheet.png", image_grid(sheet))
+    summary = summarise(rows)
+    save_json(out / "results.json", {"rows": rows, "summary": summary, "model": args.model or "bundled i2mv-tiny"})
+    import json
+
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
