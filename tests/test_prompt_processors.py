@@ -75,6 +75,16 @@ def test_minilm_encoder_offline_per_token_features() -> None:
     assert pooled[0] @ pooled[1] > 0.0
 
 
+def test_minilm_cached_prompts_need_no_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt found in the embedding cache is served without loading MiniLM (or needing its package)."""
+    CachedTextEncoder(build_text_encoder({"type": "minilm", "max_length": 12}), tmp_path).encode(["a red cube"])
+    fresh = build_text_encoder({"type": "minilm", "max_length": 12})
+    monkeypatch.setattr(MiniLMTextEncoder, "_load", lambda self: pytest.fail("MiniLM loaded for a cached prompt"))
+    assert CachedTextEncoder(fresh, tmp_path).encode(["a red cube"]).shape == (1, 12, 384)
+    with pytest.raises(pytest.fail.Exception, match="MiniLM loaded"):
+        CachedTextEncoder(fresh, tmp_path).encode(["a blue cone"])
+
+
 def test_clip_encoder_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no config.json"):
         CLIPTextEncoder(str(tmp_path / "no-clip"))

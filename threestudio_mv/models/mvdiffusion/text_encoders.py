@@ -63,21 +63,31 @@ class MiniLMTextEncoder(TextEncoder):
     ships inside a pip package, so it loads offline in ~2 s.
     """
 
+    dim = 384  # all-MiniLM-L6-v2's hidden size
+
     def __init__(self, max_length: int = 24) -> None:
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
-
-        folder = minilm_folder()
         self.max_length = max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval().requires_grad_(False)
-        self.dim = int(self.model.config.hidden_size)
+        # Loaded on the first encode: prompts found in the embedding cache never need the weights (or the package).
+        self.tokenizer: Any = None
+        self.model: Optional[nn.Module] = None
 
     def spec(self) -> Dict[str, Any]:
         return {"type": "minilm", "max_length": self.max_length}
 
+    def _load(self) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = minilm_folder()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval().requires_grad_(False)
+        if int(self.model.config.hidden_size) != self.dim:
+            raise UserError(f"{folder} holds a model of width {self.model.config.hidden_size}, not all-MiniLM-L6-v2's {self.dim}")
+
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        if self.model is None:
+            self._load()
         tokens = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
