@@ -213,3 +213,18 @@ def test_training_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch: pytes
         assert torch.allclose(value, resumed["trained"][key], atol=1e-6), key
     meta = ImageToViewsModel.from_pretrained(folder).metadata
     assert meta.stages[-1]["stage"] == "eps1" and meta.training_command == ""
+
+
+def test_training_with_rendering_workers_trains_and_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU route's data path (batches rendered in DataLoader processes), here on the CPU."""
+    from threestudio_mv.models.mvdiffusion import image_to_views
+    from threestudio_mv.models.mvdiffusion.image_to_views import TrainConfig, train
+
+    monkeypatch.setattr(image_to_views, "_target_mean", lambda meta, generator: [0.8, 0.8, 0.8, -0.7])
+    folder = train(TrainConfig(stage="eps1", out=tmp_path / "run", steps=2, objects_per_step=1, train_targets=2,
+                               ckpt_every=1, quality_assets=0, warmup=1, workers=1))
+    state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert state["step"] == 2 and all(v.device.type == "cpu" for v in state["trained"].values())
+    losses = [float(line.split(",")[1]) for line in (tmp_path / "run" / "log.csv").read_text().splitlines()]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert ImageToViewsModel.from_pretrained(folder).metadata.stages[-1]["stage"] == "eps1"

@@ -39,8 +39,8 @@ def write_model_folder(
     the scheduler (when given), ``write_extra(tmp_folder)``'s files and the index with ``components``."""
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        # nn.Module.to, not diffusers' override, which warns on every cast to float16
-        saved = nn.Module.to(copy.deepcopy(unet), torch.float16) if half else unet
+        # nn.Module.to, not diffusers' override, which warns on every cast to float16; a CPU copy (a GPU run's too)
+        saved = nn.Module.to(copy.deepcopy(unet), "cpu", torch.float16 if half else None)
         saved.save_pretrained(tmp / "unet", safe_serialization=True)
         index: Dict[str, Any] = {"_class_name": class_name, "unet": ["diffusers", type(unet).__name__]}
         if scheduler_config is not None:

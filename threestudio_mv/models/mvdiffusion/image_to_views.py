@@ -33,12 +33,13 @@ import dataclasses
 import math
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from threestudio_mv.data.foreground import frame_image
 from threestudio_mv.data.procedural.captions import parse_caption, vocabulary
@@ -411,6 +412,8 @@ class TrainConfig:
     quality_assets: int = 4
     seed: int = 0
     command: str = ""
+    device: str = "cpu"  # where the UNet trains; the data is rendered on the CPU
+    workers: int = 0  # >0: render the batches in that many DataLoader processes (feeds a GPU; not bit-reproducible on resume)
 
 
 def _target_mean(meta: ImageToViewsMetadata, generator: torch.Generator, count: int = 32) -> List[float]:
@@ -425,6 +428,31 @@ def _stage_inputs(stage: str, max_inputs: int, rng: random.Random) -> int:
     if stage == "vmix" and rng.random() < 0.5:
         return rng.randint(2, max_inputs)
     return 1
+
+
+def _draw_batch(cfg: TrainConfig, meta: ImageToViewsMetadata, captions: Sequence[str], rng: random.Random,
+                generator: torch.Generator) -> Dict[str, Any]:
+    """One step's training batch: condition count (0 for the CFG dropout), objects, renders."""
+    n_inputs = 0 if rng.random() < cfg.cond_drop else _stage_inputs(cfg.stage, meta.max_inputs, rng)
+    picked = [captions[rng.randrange(len(captions))] for _ in range(cfg.objects_per_step)]
+    return training_batch(picked, n_inputs, cfg.train_targets, meta, generator)
+
+
+class _RenderedBatches(IterableDataset):
+    """Endless training batches rendered in DataLoader worker processes, each its own random stream
+    (seeded by the run's seed, the step it started at and the worker): on a GPU one core rendering
+    the procedural assets would starve the UNet."""
+
+    def __init__(self, cfg: TrainConfig, meta: ImageToViewsMetadata, start_step: int) -> None:
+        self.cfg, self.meta, self.start_step = cfg, meta, start_step
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        info = get_worker_info()
+        seed = hash((self.cfg.seed, self.start_step, info.id if info else 0)) % (2**31)
+        torch.set_num_threads(1)
+        rng, generator, captions = random.Random(seed), torch.Generator().manual_seed(seed), vocabulary("train")
+        while True:
+            yield _draw_batch(self.cfg, self.meta, captions, rng, generator)
 
 
 def _build(cfg: TrainConfig) -> ImageToViewsModel:
@@ -444,7 +472,8 @@ def _build(cfg: TrainConfig) -> ImageToViewsModel:
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) one stage; returns the exported model folder ``<out>/model`` (EMA weights)."""
     torch.manual_seed(cfg.seed)
-    model = _build(cfg).train()
+    device = torch.device(cfg.device)
+    model = _build(cfg).to(device).train()
     previous = model.metadata.training_command
     model.metadata.training_command = f"{previous} && {cfg.command}" if previous and cfg.stage != "eps1" else cfg.command
     run = TrainingRun(model.unet, cfg.out, cfg.steps, cfg.lr, cfg.warmup, cfg.ema_decay, cfg.ckpt_every, cfg.seed,
@@ -454,24 +483,29 @@ def train(cfg: TrainConfig) -> Path:
     scheduler = DDPMScheduler.from_config(model.scheduler_config)
     captions = vocabulary("train")
     rng, generator = run.rng, run.generator
+    if cfg.workers > 0:
+        loader = iter(DataLoader(_RenderedBatches(cfg, meta, run.step_count), batch_size=None, num_workers=cfg.workers,
+                                 prefetch_factor=4))
+        next_batch = lambda: next(loader)  # noqa: E731
+    else:
+        next_batch = lambda: _draw_batch(cfg, meta, captions, rng, generator)  # noqa: E731
 
     def export() -> Path:
         with run.ema_weights():
             return model.save_pretrained(cfg.out / "model")
 
     while not run.done:
-        n_inputs = 0 if rng.random() < cfg.cond_drop else _stage_inputs(cfg.stage, meta.max_inputs, rng)
-        picked = [captions[rng.randrange(len(captions))] for _ in range(cfg.objects_per_step)]
-        batch = training_batch(picked, n_inputs, cfg.train_targets, meta, generator)
-        clean, is_reference, frames = batch["clean"], batch["is_reference"], batch["num_views"]
-        noise = torch.randn(clean.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.objects_per_step,), generator=generator)
-        timesteps = torch.where(is_reference, torch.zeros((), dtype=torch.long), t.repeat_interleave(frames))
+        batch = next_batch()
+        clean, is_reference, frames = batch["clean"].to(device), batch["is_reference"].to(device), batch["num_views"]
+        noise = torch.randn(clean.shape, generator=generator).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.objects_per_step,), generator=generator).to(device)
+        timesteps = torch.where(is_reference, torch.zeros((), dtype=torch.long, device=device), t.repeat_interleave(frames))
         noisy = noise_targets(scheduler, clean, noise, timesteps, is_reference)
-        prediction = model(noisy, timesteps, is_reference, batch["target_index"], frames)
+        prediction = model(noisy, timesteps, is_reference, batch["target_index"].to(device), frames)
         if run.step(target_loss(prediction, training_target(scheduler, clean, noise, timesteps), is_reference)):
             export()
     run.close()
+    model.to("cpu")  # the quality check samples on the CPU, as users do
     # The stage's summary: mean loss of its last ~500 steps and a quick quality check of the EMA weights.
     recent = run.logged_losses()[-max(1, 500 // cfg.ckpt_every):]
     with run.ema_weights():
@@ -500,6 +534,8 @@ def train_main(argv: List[str]) -> None:
     parser.add_argument("--quality-assets", type=int, default=4, help="held-out assets of the end-of-stage check (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the UNet trains, e.g. cuda")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader processes rendering the batches (for a GPU)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
@@ -509,6 +545,7 @@ def train_main(argv: List[str]) -> None:
     cfg = TrainConfig(
         stage=args.stage, out=args.out, steps=args.steps, init=args.init, objects_per_step=args.objects_per_step,
         train_targets=args.train_targets, lr=args.lr, ckpt_every=args.ckpt_every, quality_assets=args.quality_assets,
-        seed=args.seed, command="python -m threestudio_mv.i2mv train " + " ".join(argv),
+        seed=args.seed, command="python -m threestudio_mv.i2mv train " + " ".join(argv), device=args.device,
+        workers=args.workers,
     )
     print(train(cfg))
