@@ -275,3 +275,17 @@ def test_grid_edges_are_the_tetrahedra_edges_without_repeats():
     ends = tets[:, local].sort(dim=-1).values
     assert torch.equal(edges[tet_edges].sort(dim=-1).values, ends)
     assert len(unit) == 4 ** 3 and len(tets) == 6 * 27
+
+
+def test_a_fixed_mesh_follows_the_grid_to_another_device_or_dtype():
+    """The texture stage caches its fixed mesh; after Lightning moves the system (GPU fit -> CPU for
+    --export) the cache must not hand out the old device's mesh. A dtype change stands in for a device."""
+    grid = sphere_grid()
+    grid.cfg.fix_geometry = True
+    grid.eval()
+    assert grid.isosurface().vertices.dtype == torch.float32 and grid._fixed_mesh
+    grid.double()
+    assert grid.isosurface().vertices.dtype == torch.float64
+    grid.train()
+    grid.float()
+    assert grid.isosurface().vertices.dtype == torch.float32

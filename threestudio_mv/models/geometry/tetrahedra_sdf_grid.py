@@ -266,6 +266,12 @@ class TetrahedraSDFGrid(BaseImplicitGeometry):
             self._fixed_mesh[self.training] = mesh
         return mesh
 
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "TetrahedraSDFGrid":
+        # .to()/.cpu()/.double() (Lightning moves the system back to the CPU after a GPU fit, before
+        # --export): the cached mesh and band live on the old device and dtype, so mesh again.
+        self._fixed_mesh, self._band = {}, None
+        return super()._apply(fn, *args, **kwargs)
+
     def _load_from_state_dict(self, state_dict: Dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
         self._fixed_mesh, self._band = {}, None  # the SDF may change: mesh again
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
