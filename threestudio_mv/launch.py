@@ -444,7 +444,6 @@ def run_trial(args: argparse.Namespace, raw: Any, argv: List[str], trial_dir: Op
         raise UserError("--test/--validate/--export without --train need a trained trial: pass resume=<trial>/ckpts/last.ckpt")
 
     import pytorch_lightning as pl
-    import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
