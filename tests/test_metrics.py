@@ -12,6 +12,7 @@ from threestudio_mv.eval.metrics import (
     foreground_mask,
     mesh_from_export,
     mesh_occupancy,
+    reference_lattice,
     psnr,
     silhouette_iou,
     ssim,
@@ -63,6 +64,28 @@ def test_occupancy_of_a_box_and_of_a_mesh_with_holes() -> None:
     holed.update_faces(np.arange(len(holed.faces)) % 20 != 0)
     assert not holed.is_watertight
     assert volumetric_iou(holed, closed, resolution=32) > 0.98
+
+
+def test_reference_lattice_scores_a_prediction_on_cells_that_do_not_move_with_its_bounds() -> None:
+    gt_sdf = lambda p: p.norm(dim=-1) - 0.5  # noqa: E731
+    gt_bounds = ([-0.5] * 3, [0.5] * 3)
+    pred = sphere(0.46, subdivisions=4)
+    speck = trimesh.creation.icosphere(subdivisions=1, radius=0.005)
+    speck.apply_translation([0.9, 0.0, 0.0])  # stretches the prediction's box by 40% along x, adds ~no volume
+    with_speck = trimesh.util.concatenate([pred, speck])
+
+    def on_lattice(mesh: trimesh.Trimesh) -> float:
+        union = (np.minimum(mesh.bounds[0], gt_bounds[0]), np.maximum(mesh.bounds[1], gt_bounds[1]))
+        bounds, cells = reference_lattice(gt_bounds, union, 32)
+        assert cells[1] == cells[2] == 32 and cells[0] == (32 if mesh is pred else 45)  # 0.4 more of 1.0 along x
+        return volumetric_iou(mesh, gt_sdf, resolution=cells, bounds=bounds)
+
+    def stretched(mesh: trimesh.Trimesh) -> float:
+        union = (np.minimum(mesh.bounds[0], gt_bounds[0]), np.maximum(mesh.bounds[1], gt_bounds[1]))
+        return volumetric_iou(mesh, gt_sdf, resolution=32, bounds=union)
+
+    assert on_lattice(with_speck) == pytest.approx(on_lattice(pred), abs=1e-3)
+    assert abs(stretched(with_speck) - stretched(pred)) > 3e-3  # the old per-prediction grid moved
 
 
 def test_colour_error_is_large_for_red_against_blue() -> None:

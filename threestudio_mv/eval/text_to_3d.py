@@ -36,6 +36,7 @@ from threestudio_mv.eval.metrics import (
     chamfer_l1,
     mesh_from_export,
     mesh_quality,
+    reference_lattice,
     sample_coloured_surface,
     surface_colour_error,
     volumetric_iou,
@@ -44,6 +45,7 @@ from threestudio_mv.utils.errors import UserError, exit_on_user_error
 from threestudio_mv.utils.io import save_json
 from threestudio_mv.utils.trial import run_trial
 COLOUR_WEIGHT = 0.25
+IOU_RESOLUTION = 96  # cells across the ground truth's longest side (metrics.reference_lattice)
 FRONT_ASYMMETRY_MIN = 0.03
 HALF_TURN = trimesh.transformations.rotation_matrix(np.pi, [0, 0, 1])
 
@@ -75,14 +77,16 @@ def front_score(pred: trimesh.Trimesh, gt: trimesh.Trimesh) -> Optional[float]:
 def shape_and_colour_scores(
     pred: trimesh.Trimesh, gt: trimesh.Trimesh, gt_sdf: Optional[Callable] = None, gt_albedo: Optional[Callable] = None
 ) -> Dict[str, float]:
-    """Volumetric IoU, Chamfer-L1 and colour delta-E of ``pred`` against a ground-truth mesh.
+    """Volumetric IoU (on cells fixed by the ground truth), Chamfer-L1 and colour delta-E of ``pred``
+    against a ground-truth mesh.
 
     ``gt_sdf`` / ``gt_albedo`` (functions of points), when known, replace the mesh's inside test and
     its vertex colours.
     """
-    bounds = (np.minimum(pred.bounds[0], gt.bounds[0]), np.maximum(pred.bounds[1], gt.bounds[1]))
+    union = (np.minimum(pred.bounds[0], gt.bounds[0]), np.maximum(pred.bounds[1], gt.bounds[1]))
+    bounds, cells = reference_lattice(gt.bounds, union, IOU_RESOLUTION)
     return {
-        "iou": volumetric_iou(pred, gt_sdf if gt_sdf is not None else gt, resolution=64, bounds=bounds),
+        "iou": volumetric_iou(pred, gt_sdf if gt_sdf is not None else gt, resolution=cells, bounds=bounds),
         "chamfer_l1": chamfer_l1(pred, gt),
         "delta_e": surface_colour_error(pred, gt_albedo, gt_geometry=gt) if gt_albedo is not None else surface_colour_error(pred, gt),
     }
