@@ -181,17 +181,48 @@ def test_launch_chains_fine_tune_and_3d_stage(tmp_path: Path) -> None:
     assert parsed.system.prompt_processor.prompt == "a sks ball"
 
 
-def test_builtin_eval_subject_is_outside_the_vocabulary() -> None:
-    from threestudio_mv.eval.dreambooth_eval import PROCEDURAL_DESCRIPTION, is_in_vocabulary, procedural_subject
+def test_builtin_eval_subjects_are_outside_the_vocabulary() -> None:
+    from threestudio_mv.eval.dreambooth_eval import build_subject, ice_cream_asset, is_in_vocabulary, dumbbell_asset
 
-    assert not is_in_vocabulary(PROCEDURAL_DESCRIPTION)
     assert is_in_vocabulary("a red cube on top of a blue cylinder")
-    lo, hi = procedural_subject().bounds()
-    assert (lo >= -0.5).all() and (hi <= 0.5).all() and float((hi - lo).max()) > 0.8
+    for asset in (ice_cream_asset(), dumbbell_asset()):
+        assert not is_in_vocabulary(asset.caption)
+        lo, hi = asset.bounds()
+        assert (lo >= -0.5).all() and (hi <= 0.5).all() and float((hi - lo).max()) > 0.8
+    with pytest.raises(UserError, match="FILE:COLOUR:CLASS WORD"):
+        build_subject("dog.obj:brown", Path("."))
+
+
+def test_photo_subject_is_four_unposed_jpegs_the_subject_loader_masks(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from threestudio_mv.data.subject_images import SubjectImagesConfig, load_subject
+    from threestudio_mv.eval.dreambooth_eval import build_subject, write_photos
+
+    folder = write_photos(build_subject("photos", Path(".")).subject, tmp_path / "photos")
+    photos = sorted(folder.iterdir())
+    assert [p.suffix for p in photos] == [".jpg"] * 4 and not (folder / "transforms.json").exists()
+    assert len({Image.open(p).size for p in photos}) > 1  # each its own size
+    loaded = load_subject(str(folder), SubjectImagesConfig(image_size=32))
+    assert loaded.mode == "single-view" and loaded.c2w is None
+    coverage = loaded.alpha.mean(dim=(1, 2))
+    assert ((coverage > 0.05) & (coverage < 0.6)).all()  # masked from white and re-framed
+
+
+def test_subject_scores_find_the_turn_of_a_turned_result() -> None:
+    from threestudio_mv.eval.dreambooth_eval import build_subject
+    from threestudio_mv.eval.subjects import procedural_subject, subject_scores, turned
+
+    chair = procedural_subject("a blue chair with gray legs")
+    result = turned(chair.mesh, 90.0)
+    straight = subject_scores(result, chair)
+    best = subject_scores(result, chair, turns=4)
+    assert best["turn_deg"] == 270.0 and best["iou"] > 0.95 > straight["iou"] + 0.2
+    assert build_subject("procedural", Path(".")).given == "views"
 
 
 @pytest.mark.slow
-def test_eval_cli_runs_both_arms_and_scores_them(tmp_path: Path) -> None:
+def test_eval_cli_runs_all_arms_and_scores_them(tmp_path: Path) -> None:
     """dreambooth_eval end to end on a tiny random model with a few steps (plumbing, not quality)."""
     import json
 
@@ -199,18 +230,21 @@ def test_eval_cli_runs_both_arms_and_scores_them(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     completed = subprocess.run(
         [sys.executable, "-m", "threestudio_mv.eval.dreambooth_eval", "--out", str(tmp_path / "eval"), "--model", str(base),
-         "--num-preservation", "2", "--finetune", "trainer.max_steps=3", "--stage-3d", "trainer.max_steps=4",
-         "trainer.val_check_interval=4", "checkpoint.every_n_train_steps=4", "data.n_test_views=2",
+         "--subjects", "photos", "--num-preservation", "2", "--finetune", "trainer.max_steps=3", "--stage-3d",
+         "trainer.max_steps=4", "trainer.val_check_interval=4", "checkpoint.every_n_train_steps=4", "data.n_test_views=2",
          "system.geometry.isosurface_resolution=32", "system.exporter.texture_size=64"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    results = json.loads((tmp_path / "eval" / "procedural" / "results.json").read_text())
-    assert results["subject_in_vocabulary"] is False and results["prompt"] == "a sks ice cream"
-    for arm in ("personalised", "baseline"):
-        scores = results[arm]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    row = results["rows"]["photos"]
+    assert row["in_vocabulary"] is False and row["prompt"] == "a sks dumbbell" and row["given"] == "photos"
+    for arm in ("personalised", "base, same prompt", "base, class word"):
+        scores = row[arm]
         assert 0.0 <= scores["iou"] <= 1.0
         assert (scores["export"] is None and scores["delta_e"] is None) or scores["delta_e"] > 0.0
-    assert set(results["runs"]) == {"personalised (fine-tune + 3D)", "baseline (3D)"}
+    assert set(row["runs"]) == {"personalised", "base, same prompt", "base, class word"}
     assert set(results["preservation"]["base"]["per_caption"]) == set(results["preservation"]["captions"])
-    assert (tmp_path / "eval" / "procedural" / "views.png").is_file()
+    assert "photos: silhouette_iou_drop" in results["preservation"]
+    assert (tmp_path / "eval" / "photos" / "views.png").is_file() and (tmp_path / "eval" / "sheet.png").is_file()
+    assert results["summary"]["subjects"] == ["photos"]

@@ -44,6 +44,23 @@ def test_empty_folder_is_a_user_error(tmp_path: Path) -> None:
         datamodule(tmp_path)
 
 
+def test_a_non_image_file_among_the_photos_is_a_user_error_naming_it(tmp_path: Path) -> None:
+    write_views(tmp_path, n_views=3)
+    (tmp_path / "notes.docx").write_text("not a photo")
+    with pytest.raises(UserError, match=r"'notes\.docx' is not an image"):
+        datamodule(tmp_path)
+    (tmp_path / "notes.docx").unlink()
+    (tmp_path / ".DS_Store").write_text("hidden files are not the user's")
+    assert datamodule(tmp_path).subject.rgb.shape[0] == 3
+
+
+def test_a_mesh_with_no_faces_is_a_user_error(tmp_path: Path) -> None:
+    points = tmp_path / "points.obj"
+    points.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\n")
+    with pytest.raises(UserError, match=r"points\.obj' has no triangles"):
+        datamodule(points)
+
+
 def test_one_image_is_a_user_error(tmp_path: Path) -> None:
     write_views(tmp_path, n_views=1)
     with pytest.raises(UserError, match=rf"'{tmp_path}' holds only 1 image \(view_0.png\).*at least 2"):

@@ -98,6 +98,21 @@ def frame_image(rgba: np.ndarray, size: int, recenter: bool, object_fraction: fl
     return premultiplied
 
 
+def folder_images(folder: Path, label: str) -> List[Path]:
+    """The images of a folder (sorted; hidden files and a transforms.json aside). A file of another
+    kind among them is a UserError naming it: a stray file in a photo folder is a mistake, not a
+    photo to skip silently. An empty list when the folder holds no file at all."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "transforms.json")
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    strays = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if images and strays:
+        raise UserError(
+            f"{label} '{folder}': '{strays[0]}' is not an image ({', '.join(IMAGE_SUFFIXES)}); "
+            "move it out of the folder, which should hold only the images"
+        )
+    return images
+
+
 def image_paths(inputs: Sequence[Union[str, Path]], label: str = "input") -> List[Path]:
     """The image files named by ``inputs``: files as given, folders expanded to their images (sorted).
     A UserError (naming ``label`` and the path) for a missing path or a folder without images."""
@@ -107,7 +122,7 @@ def image_paths(inputs: Sequence[Union[str, Path]], label: str = "input") -> Lis
         if not path.exists():
             raise UserError(f"{label} '{given}' does not exist")
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = folder_images(path, label)
             if not found:
                 raise UserError(f"{label} '{given}' is a folder with no images ({', '.join(IMAGE_SUFFIXES)})")
             paths.extend(found)

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from threestudio_mv import register
-from threestudio_mv.data.foreground import IMAGE_SUFFIXES, frame_image, mask_plain_background, read_rgba  # noqa: F401 (re-exported)
+from threestudio_mv.data.foreground import IMAGE_SUFFIXES, folder_images, frame_image, mask_plain_background, read_rgba  # noqa: F401 (re-exported)
 from threestudio_mv.data.mesh_render import MESH_SUFFIXES, load_subject_mesh, parse_colour, render_mesh
 from threestudio_mv.data.posed_images import TRANSFORMS_NAME, _frame_pose, _image_path, _read_transforms
 from threestudio_mv.utils.camera import mvdream_camera_condition, sample_view_groups, spherical_from_position
@@ -149,9 +149,9 @@ def load_image_folder(root: Path, cfg: SubjectImagesConfig) -> SubjectImages:
         _check_count(root, [p.name for p in paths], f"{len(paths)} frame in {TRANSFORMS_NAME} ({_describe(paths)})")
         recenter = False  # re-framing would break the cameras
     else:
-        files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
-        paths = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        paths = folder_images(root, "data.image_dir")
         if not paths:
+            files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
             listing = f"no image ({', '.join(IMAGE_SUFFIXES)})" + (f", only {_describe(files)}" if files else ", nothing at all")
             _check_count(root, [], listing)
         _check_count(root, [p.name for p in paths], f"only 1 image ({paths[0].name})" if paths else "no image")

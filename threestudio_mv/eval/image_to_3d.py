@@ -31,12 +31,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-import trimesh
 
 from threestudio_mv.data.foreground import load_object_image
 from threestudio_mv.data.posed_images import load_posed_images
 from threestudio_mv.eval.metrics import mesh_from_export
-from threestudio_mv.eval.text_to_3d import shape_and_colour_scores
 from threestudio_mv.models.mvdiffusion.image_to_views import (
     ImageToViewsMetadata,
     ImageToViewsModel,
@@ -45,58 +43,15 @@ from threestudio_mv.models.mvdiffusion.image_to_views import (
     target_cameras,
     rgba_view_scores,
 )
+from threestudio_mv.eval.subjects import MESH_DIR, Subject, mesh_subject, procedural_subject, straight_alpha, subject_scores, turned
 from threestudio_mv.utils.camera import CameraLight
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
 from threestudio_mv.utils.io import image_grid, save_image, save_json
 from threestudio_mv.utils.trial import run_trial
 
-MESH_DIR = Path(__file__).resolve().parents[3] / "shared" / "meshes"  # the project's outside meshes, beside the checkout
 INPUT_SIZE = 64
 # The fitting settings of configs/image-to-3d.yaml, given to the posed-inputs baseline too.
 FIT_OVERRIDES = ["data.rays_per_batch=2048", "system.exporter.texture_size=512"]
-
-
-class Subject:
-    """An object to evaluate: renders (premultiplied RGBA (N, S, S, 4)) at any cameras, and its true shape."""
-
-    def __init__(self, name: str, render: Any, mesh: trimesh.Trimesh, sdf: Any = None, albedo: Any = None) -> None:
-        self.name, self.render, self.mesh, self.sdf, self.albedo = name, render, mesh, sdf, albedo
-
-
-def procedural_subject(caption: str) -> Subject:
-    from threestudio_mv.data.procedural import asset_mesh, parse_caption
-    from threestudio_mv.data.procedural.render import render_views
-
-    asset = parse_caption(caption)
-
-    def render(c2w: torch.Tensor, fovy: torch.Tensor, size: int) -> torch.Tensor:
-        out = render_views(asset, c2w, fovy, size)
-        return torch.cat([out["rgb_fg"] * out["alpha"][..., None], out["alpha"][..., None]], dim=-1)
-
-    return Subject(caption, render, asset_mesh(asset), asset.sdf, asset.albedo)
-
-
-def mesh_subject(spec: str, mesh_dir: Path) -> Subject:
-    """``name:colour`` (``name``.obj of ``mesh_dir``, or a path; +y up) coloured with a named colour."""
-    from threestudio_mv.data.mesh_render import load_subject_mesh, parse_colour, render_mesh
-
-    name, _, colour = spec.partition(":")
-    path = Path(name) if Path(name).suffix else mesh_dir / f"{name}.obj"
-    if not path.is_file():
-        raise UserError(f"--meshes '{spec}': no mesh file '{path}'")
-    mesh = load_subject_mesh(path, "+y", parse_colour(colour or "gray"))
-
-    def render(c2w: torch.Tensor, fovy: torch.Tensor, size: int) -> torch.Tensor:
-        out = render_mesh(mesh, c2w, fovy, size)
-        return torch.cat([out["rgb_fg"] * out["alpha"][..., None], out["alpha"][..., None]], dim=-1)
-
-    return Subject(f"{path.stem} ({colour or 'gray'})", render, mesh)
-
-
-def straight(premultiplied: torch.Tensor) -> torch.Tensor:
-    """Premultiplied RGBA (..., 4) -> straight alpha (what a PNG holds)."""
-    alpha = premultiplied[..., 3:]
-    return torch.cat([premultiplied[..., :3] / alpha.clamp_min(1e-3) * (alpha > 0), alpha], dim=-1).clamp(0.0, 1.0)
 
 
 def write_posed_inputs(folder: Path, images: torch.Tensor, cameras: Dict[str, torch.Tensor]) -> Path:
@@ -104,7 +59,7 @@ def write_posed_inputs(folder: Path, images: torch.Tensor, cameras: Dict[str, to
     light = CameraLight()
     frames = []
     for i, image in enumerate(images):
-        save_image(folder / f"input_{i}.png", straight(image))
+        save_image(folder / f"input_{i}.png", straight_alpha(image))
         frames.append({"file_path": f"input_{i}.png", "transform_matrix": cameras["c2w"][i].tolist()})
     fovy = float(cameras["fovy"][0])
     save_json(folder / "transforms.json", {
@@ -112,13 +67,6 @@ def write_posed_inputs(folder: Path, images: torch.Tensor, cameras: Dict[str, to
         "light": {"direction_camera": list(light.direction_camera), "ambient_ratio": light.ambient_ratio},
     })
     return folder
-
-
-def turned(mesh: trimesh.Trimesh, azimuth_deg: float) -> trimesh.Trimesh:
-    """``mesh`` from the first input's frame (its azimuth at 0) into the world (its azimuth at ``azimuth_deg``)."""
-    out = mesh.copy()
-    out.apply_transform(trimesh.transformations.rotation_matrix(math.radians(azimuth_deg), [0, 0, 1]))
-    return out
 
 
 def fit(arguments: List[str], threads: int) -> Dict[str, Any]:
@@ -147,7 +95,6 @@ def evaluate_subject(
     truth = subject.render(truth_cams["c2w"], truth_cams["fovy"], meta.image_size)
     back = torch.tensor(meta.background)
     over = lambda rgba: rgba[..., :3] + back * (1.0 - rgba[..., 3:])  # noqa: E731
-    gt_kwargs = {"gt_sdf": subject.sdf, "gt_albedo": subject.albedo}
     common = [f"exp_root_dir={root}", "use_timestamp=false", "trainer.enable_progress_bar=false",
               f"trainer.max_steps={args.fit_steps}", f"trainer.val_check_interval={args.fit_steps}"]
     rows, sheet = [], []
@@ -156,7 +103,7 @@ def evaluate_subject(
         for count in sorted(set(args.inputs)):
             folder = root / f"inputs-{count}"
             for i in range(count):
-                save_image(folder / f"input_{i}.png", straight(renders[i]))
+                save_image(folder / f"input_{i}.png", straight_alpha(renders[i]))
             views_dir = root / f"views-{count}"
             overrides = [f"data.image_path={folder}", f"data.views_dir={views_dir}", *common, "name=ours", f"tag=k{count}"]
             if model_dir:
@@ -184,8 +131,8 @@ def evaluate_subject(
                 sheet.append(inputs + [blank] * (4 - count) + [generated.rgb[i] for i in range(meta.target_azimuths)])
                 if count == 1:
                     sheet.append([blank] * 4 + [over(t) for t in truth[: meta.target_azimuths]])
-            scores = shape_and_colour_scores(mesh, subject.mesh, **{k: v for k, v in gt_kwargs.items() if v is not None})
-            rows.append({**row, **{f"mesh_{k}": round(float(v), 4) for k, v in scores.items()}})
+            scores = subject_scores(mesh, subject)
+            rows.append({**row, **{f"mesh_{k}": round(float(scores[k]), 4) for k in ("iou", "chamfer_l1", "delta_e")}})
     # The ablation: global attention off (the targets see neither the inputs nor each other).
     first = load_object_image(root / "inputs-1" / "input_0.png", meta.image_size, meta.object_fraction)[None]
     ablated = generate_views(model, first, args.seed, global_attention=False)

@@ -74,6 +74,13 @@ def front_score(pred: trimesh.Trimesh, gt: trimesh.Trimesh) -> Optional[float]:
     return (coloured_chamfer(half_turned(pred), gt) - coloured_chamfer(pred, gt)) / asymmetry
 
 
+def iou_on_reference_lattice(pred: trimesh.Trimesh, gt: trimesh.Trimesh, gt_sdf: Optional[Callable] = None) -> float:
+    """Volumetric IoU of ``pred`` against ``gt`` (its ``gt_sdf`` when known) on cells fixed by ``gt``."""
+    union = (np.minimum(pred.bounds[0], gt.bounds[0]), np.maximum(pred.bounds[1], gt.bounds[1]))
+    bounds, cells = reference_lattice(gt.bounds, union, IOU_RESOLUTION)
+    return volumetric_iou(pred, gt_sdf if gt_sdf is not None else gt, resolution=cells, bounds=bounds)
+
+
 def shape_and_colour_scores(
     pred: trimesh.Trimesh, gt: trimesh.Trimesh, gt_sdf: Optional[Callable] = None, gt_albedo: Optional[Callable] = None
 ) -> Dict[str, float]:
@@ -83,10 +90,8 @@ def shape_and_colour_scores(
     ``gt_sdf`` / ``gt_albedo`` (functions of points), when known, replace the mesh's inside test and
     its vertex colours.
     """
-    union = (np.minimum(pred.bounds[0], gt.bounds[0]), np.maximum(pred.bounds[1], gt.bounds[1]))
-    bounds, cells = reference_lattice(gt.bounds, union, IOU_RESOLUTION)
     return {
-        "iou": volumetric_iou(pred, gt_sdf if gt_sdf is not None else gt, resolution=cells, bounds=bounds),
+        "iou": iou_on_reference_lattice(pred, gt, gt_sdf),
         "chamfer_l1": chamfer_l1(pred, gt),
         "delta_e": surface_colour_error(pred, gt_albedo, gt_geometry=gt) if gt_albedo is not None else surface_colour_error(pred, gt),
     }
