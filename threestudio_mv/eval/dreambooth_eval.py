@@ -42,7 +42,7 @@ from threestudio_mv.eval.subjects import MESH_DIR, Subject, asset_subject, mesh_
 from threestudio_mv.utils.camera import view_group
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
 from threestudio_mv.utils.io import image_grid, save_image, save_json, to_uint8
-from threestudio_mv.utils.trial import launch_command, slug
+from threestudio_mv.utils.trial import launch_command, slug, thread_env
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DREAMBOOTH_CONFIG = CONFIG_DIR / "mvdreambooth.yaml"
@@ -175,7 +175,7 @@ def write_photos(subject: Subject, folder: Path, count: int = PHOTOS, seed: int 
 def run_launch(arguments: List[str], log: Path, threads: int) -> Dict[str, Any]:
     """Run the CLI with its output in ``log``; returns wall ``seconds`` and, on failure, ``error``
     (the last line it printed, e.g. a 3D result with no surface to export)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = thread_env(threads)
     start = time.time()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
@@ -208,12 +208,13 @@ def mesh_scores(trial: Path, subject: Subject) -> Dict[str, Any]:
 
 def first_frame(trial: Path) -> Optional[np.ndarray]:
     """The first turntable frame of a trial's last test run (its first panel, RGB), if any."""
+    from threestudio_mv.eval.text_to_3d import latest_test_frame
     from threestudio_mv.utils.io import load_image
 
-    frames = sorted(trial.glob("**/save/it*-test-000.png"), key=lambda p: p.stat().st_mtime)
-    if not frames:
+    frame = latest_test_frame(trial)
+    if frame is None:
         return None
-    image = load_image(frames[-1])[..., :3]
+    image = load_image(frame)[..., :3]
     return image[:, : image.shape[0]]  # a test frame is panels side by side: colour first
 
 

@@ -23,7 +23,6 @@ views at elevation 0 | the true views), and prints the summary as JSON.
 """
 import argparse
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,7 +46,7 @@ from threestudio_mv.eval.subjects import MESH_DIR, Subject, mesh_subject, proced
 from threestudio_mv.utils.camera import CameraLight
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
 from threestudio_mv.utils.io import image_grid, save_image, save_json
-from threestudio_mv.utils.trial import run_trial
+from threestudio_mv.utils.trial import run_trial, thread_env
 
 INPUT_SIZE = 64
 # The fitting settings of configs/image-to-3d.yaml, given to the posed-inputs baseline too.
@@ -71,7 +70,7 @@ def write_posed_inputs(folder: Path, images: torch.Tensor, cameras: Dict[str, to
 
 def fit(arguments: List[str], threads: int) -> Dict[str, Any]:
     """Run one CLI trial; seconds and the export folder (or the error)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = thread_env(threads)
     start = time.time()
     run = run_trial(arguments, env=env)
     seconds = time.time() - start

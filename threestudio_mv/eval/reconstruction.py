@@ -26,7 +26,7 @@ from threestudio_mv.eval.metrics import mesh_from_export
 from threestudio_mv.eval.text_to_3d import mesh_metrics
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
 from threestudio_mv.utils.io import save_json
-from threestudio_mv.utils.trial import run_trial, slug
+from threestudio_mv.utils.trial import run_trial, slug, thread_env
 
 DEFAULT_CAPTIONS = ["a red chair with black legs", "a brown table with white legs", "a blue lamp with a yellow shade"]
 METRICS = ("iou", "chamfer_l1", "delta_e", "largest_piece_area", "mean_normal_angle_deg")
@@ -45,7 +45,7 @@ def render_views(caption: str, folder: Path, views: int, size: int) -> Path:
 
 def fit_and_score(config: str, caption: str, views: Path, out: Path, threads: int, overrides: List[str]) -> Dict[str, Any]:
     """Fit one config to one caption's views; its scores (or the error) and seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = thread_env(threads)
     start = time.time()
     run = run_trial(["--config", config, "--train", "--export", f"data.root={views}", f"exp_root_dir={out}",
                      f"name={Path(config).stem}", f"tag={slug(caption)}", "use_timestamp=false",

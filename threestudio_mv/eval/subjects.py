@@ -83,8 +83,9 @@ def subject_scores(pred: trimesh.Trimesh, subject: Subject, turns: int = 1) -> D
     results whose facing is free (text-to-3D of a subject)."""
     from threestudio_mv.eval.text_to_3d import iou_on_reference_lattice, shape_and_colour_scores
 
-    angles = [360.0 * turn / max(1, turns) for turn in range(max(1, turns))]
-    ious = [iou_on_reference_lattice(turned(pred, angle), subject.mesh, subject.sdf) for angle in angles] if turns > 1 else [None]
-    angle = angles[max(range(len(ious)), key=lambda i: ious[i])] if turns > 1 else 0.0
+    angle = 0.0
+    if turns > 1:
+        angles = [360.0 * turn / turns for turn in range(turns)]
+        angle = max(angles, key=lambda a: iou_on_reference_lattice(turned(pred, a), subject.mesh, subject.sdf))
     scores = shape_and_colour_scores(turned(pred, angle), subject.mesh, subject.sdf, subject.albedo)
     return {**scores, "turn_deg": angle}

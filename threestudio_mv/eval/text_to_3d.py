@@ -43,7 +43,7 @@ from threestudio_mv.eval.metrics import (
 )
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
 from threestudio_mv.utils.io import save_json
-from threestudio_mv.utils.trial import run_trial
+from threestudio_mv.utils.trial import run_trial, thread_env
 COLOUR_WEIGHT = 0.25
 IOU_RESOLUTION = 96  # cells across the ground truth's longest side (metrics.reference_lattice)
 FRONT_ASYMMETRY_MIN = 0.03
@@ -132,7 +132,7 @@ def run_one(config: Path, caption: str, out: Path, overrides: List[str], threads
     ]
     if reuse and list(trial.glob("*/ckpts/last.ckpt")):  # a staged trial with finished stages: only the rest runs
         arguments.append(f"resume={trial}")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = thread_env(threads)
     start = time.time()
     run = run_trial(arguments, env=env)
     seconds = time.time() - start
@@ -191,6 +191,12 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def latest_test_frame(trial: Path) -> Optional[Path]:
+    """The first turntable frame of a trial's newest test run (of its last stage), if any."""
+    frames = sorted(Path(trial).glob("**/save/it*-test-000.png"), key=lambda p: p.stat().st_mtime)
+    return frames[-1] if frames else None
+
+
 def first_frames_sheet(rows: List[Dict[str, Any]], path: Path) -> Optional[Path]:
     """The first turntable frame of every finished run: one row per caption, one column per config."""
     from threestudio_mv.utils.io import image_grid, load_image, save_image
@@ -201,9 +207,9 @@ def first_frames_sheet(rows: List[Dict[str, Any]], path: Path) -> Optional[Path]
         line = []
         for config in configs:
             row = next(r for r in rows if r["caption"] == caption and r["config"] == config)
-            frames = sorted(Path(row["trial"]).glob("**/save/it*-test-000.png"), key=lambda p: p.stat().st_mtime) if "trial" in row else []
-            line.append(load_image(frames[-1])[..., :3] if frames else None)
-            if frames:
+            frame = latest_test_frame(row["trial"]) if "trial" in row else None
+            line.append(load_image(frame)[..., :3] if frame else None)
+            if frame:
                 blank = np.ones_like(line[-1])
         grid.append(line)
     if blank is None:

@@ -1,5 +1,6 @@
 """Running a trial as a subprocess of the CLI, and reading what it says: one place for every caller
 (the text-to-3D and MVDreamBooth evaluations, MVDreamBooth's chained 3D stage)."""
+import os
 import re
 import subprocess
 import sys
@@ -41,6 +42,11 @@ def parse_output(stdout: str) -> Dict[str, Any]:
     folders = re.findall(r"^trial folder: (.+)$", stdout, flags=re.MULTILINE)
     exports = {kind: Path(path) for kind, path in re.findall(r"^exported (\w+): (.+)$", stdout, flags=re.MULTILINE)}
     return {"trial_dir": Path(folders[-1]) if folders else None, "exports": exports}
+
+
+def thread_env(threads: int) -> Dict[str, str]:
+    """This process's environment with torch's CPU threads set to ``threads`` (trials run side by side)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def run_trial(arguments: List[str], env: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None,
