@@ -194,6 +194,48 @@ def test_pieces_of_a_volume_are_joined_into_one():
     assert len(trimesh.Trimesh(made.vertices.detach().numpy(), made.faces.numpy(), process=False).split(only_watertight=False)) == 2
 
 
+def test_seed_distance_reads_the_volume_surface_and_survives_a_checkpoint():
+    volume = blob_volume()
+    grid = TetrahedraSDFGrid({"radius": 0.75, "grid_resolution": 24,
+                              "pos_encoding_config": {"otype": "Triplane", "resolution": 16, "n_features": 4}})
+    with pytest.raises(UserError, match="lambda_seed_fidelity"):
+        grid.seed_distance(torch.zeros(1, 3))
+    grid.seed_from(volume, inherit_texture=False)
+    on_surface = volume.isosurface().vertices.detach()
+    cell = float(grid.cell_size.max())
+    # The source's own surface is at distance ~0 (read on its 48^3 grid, finer than this 24^3 one) ...
+    assert float(grid.seed_distance(on_surface).abs().mean()) < 0.1 * cell
+    # ... the centre of the larger ball is inside, a far corner outside, and the distance is in world units.
+    inside, outside = grid.seed_distance(torch.tensor([[0.2, 0.0, 0.0], [0.7, 0.7, 0.7]]))
+    assert 0.1 < float(inside) < 0.3 and float(outside) < 0
+    # The coarser grid's own mesh lies off that surface by a fraction of its cell.
+    made = grid.isosurface().vertices.detach()
+    assert 0.02 * cell < float(grid.seed_distance(made).abs().mean()) < 0.5 * cell
+    # A fresh grid loaded from the state dict (a resumed stage) reads the same surface.
+    again = TetrahedraSDFGrid({"radius": 0.75, "grid_resolution": 24,
+                               "pos_encoding_config": {"otype": "Triplane", "resolution": 16, "n_features": 4}})
+    again.load_state_dict(grid.state_dict())
+    assert torch.equal(again.seed_distance(on_surface), grid.seed_distance(on_surface))
+
+
+def test_seed_fidelity_pulls_a_shrunken_mesh_back_to_the_volume():
+    volume = blob_volume()
+    grid = TetrahedraSDFGrid({"radius": 0.75, "grid_resolution": 24,
+                              "pos_encoding_config": {"otype": "Triplane", "resolution": 16, "n_features": 4}})
+    grid.seed_from(volume, inherit_texture=False)
+    with torch.no_grad():
+        grid.sdf.sub_(0.5 * float(grid.cell_size.max()))  # half a cell smaller all round
+    optimizer = torch.optim.Adam([grid.sdf, grid.deformation], lr=2e-3)
+    distances = []
+    for _ in range(30):
+        loss = grid.seed_distance(grid.isosurface().vertices).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        distances.append(float(loss.detach()))
+    assert distances[-1] < 0.3 * distances[0], distances
+
+
 def test_empty_grid_and_a_mismatched_texture_are_user_errors():
     grid = TetrahedraSDFGrid({"grid_resolution": 8, "pos_encoding_config": {"otype": "Triplane", "resolution": 8, "n_features": 2}})
     with pytest.raises(UserError, match="no surface"):

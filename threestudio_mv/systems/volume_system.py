@@ -47,6 +47,9 @@ class VolumeSystem(BaseSystem):
         # mesh geometries (the renderer returns the mesh): smooth surfaces
         lambda_normal_consistency: Schedule = schedule(0.0)
         lambda_laplacian_smoothness: Schedule = schedule(0.0)
+        # a mesh made from a volume (geometry.seed_distance): mean squared distance of its vertices to the
+        # volume's surface, read on the volume's own grid: keeps the detail a coarser grid and smoothing lose
+        lambda_seed_fidelity: Schedule = schedule(0.0)
 
     def configure(self) -> None:
         cfg = self.cfg
@@ -106,6 +109,7 @@ class VolumeSystem(BaseSystem):
         return {
             "normal_consistency": (self.cfg.lambda_normal_consistency, lambda: losses.normal_consistency(out["mesh"])),
             "laplacian_smoothness": (self.cfg.lambda_laplacian_smoothness, lambda: losses.laplacian_smoothness(out["mesh"])),
+            "seed_fidelity": (self.cfg.lambda_seed_fidelity, lambda: self.geometry.seed_distance(out["mesh"].vertices).square().mean()),
         }
 
     # ----------------------------------------------------------------------------- evaluation

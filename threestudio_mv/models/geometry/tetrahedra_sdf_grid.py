@@ -208,6 +208,10 @@ class TetrahedraSDFGrid(BaseImplicitGeometry):
         self.feature_network = get_mlp(
             self.encoding.n_output_dims, cfg.n_feature_dims, cfg.mlp_network_config, f"{prefix}.mlp_network_config"
         )
+        # create_from a volume: the source's surface as a signed distance on its own (finer) grid and that
+        # grid's box; seed_distance reads it (empty until seeded)
+        self.register_buffer("seed_field", torch.zeros(0, 0, 0))
+        self.register_buffer("seed_box", torch.zeros(2, 3))
         self._fixed_mesh: Dict[bool, IsosurfaceMesh] = {}  # fix_geometry: the mesh, by training mode
         self._band: Optional[Tuple[Tensor, Tensor]] = None  # (tetrahedra, their edges) near the surface
 
@@ -274,6 +278,8 @@ class TetrahedraSDFGrid(BaseImplicitGeometry):
 
     def _load_from_state_dict(self, state_dict: Dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
         self._fixed_mesh, self._band = {}, None  # the SDF may change: mesh again
+        if prefix + "seed_field" in state_dict:  # its shape is the source's grid: take the checkpoint's
+            self.seed_field = torch.empty_like(state_dict[prefix + "seed_field"], device=self.seed_field.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _features(self, points: Tensor) -> Tensor:
@@ -285,6 +291,19 @@ class TetrahedraSDFGrid(BaseImplicitGeometry):
 
     def export(self, points: Tensor, **kwargs: Any) -> Dict[str, Tensor]:
         return {"features": self._features(points)}
+
+    def seed_distance(self, points: Tensor) -> Tensor:
+        """(N, 3) world points -> (N,) signed distance to the seed volume's surface (+ inside), read
+        trilinearly from the source's own grid, finer than this one: a refine stage's anchor to the shape
+        it started from (``lambda_seed_fidelity``)."""
+        if self.seed_field.numel() == 0:
+            raise UserError(
+                f"{self.config_prefix}: no seed surface to stay near (set system.lambda_seed_fidelity=0, or create "
+                "the grid from an implicit volume with system.geometry_convert_from)"
+            )
+        unit = (points - self.seed_box[0]) / (self.seed_box[1] - self.seed_box[0])
+        grid = (unit.flip(-1) * 2.0 - 1.0).view(1, -1, 1, 1, 3)
+        return F.grid_sample(self.seed_field[None, None], grid, align_corners=True, padding_mode="border").view(-1)
 
     # ----------------------------------------------------------------------------- stages
     def inherit_colour_field(self, source: nn.Module) -> None:
@@ -309,6 +328,7 @@ class TetrahedraSDFGrid(BaseImplicitGeometry):
                     f"stage's grid is {source.cfg.grid_resolution}; use the same"
                 )
             self.bbox.copy_(source.bbox)
+            self.seed_field, self.seed_box = source.seed_field.clone(), source.seed_box.clone()
             self.sdf.copy_(source.sdf)
             self.deformation.copy_(source.deformation)
         elif hasattr(source, "isosurface_grid"):
@@ -339,21 +359,24 @@ class TetrahedraSDFGrid(BaseImplicitGeometry):
         scale = float(np.median(gradient[near])) if near.any() else 1.0
         margin = 2.0 * (bbox_max - bbox_min) / self.cfg.grid_resolution  # room for the surface to move
         self.bbox.copy_(torch.stack([bbox_min - margin, bbox_max + margin]).to(self.bbox))
-        field_values = torch.from_numpy(np.ascontiguousarray(values / max(scale, 1e-8))).float()
-        # Sample the field at the grid vertices (outside the field's box: outside the object).
-        points = self.bbox[0] + self.unit_vertices * (self.bbox[1] - self.bbox[0])
-        unit = (points - bbox_min.to(points)) / (bbox_max - bbox_min).to(points)
-        grid = (unit.flip(-1) * 2.0 - 1.0).view(1, -1, 1, 1, 3)
-        sampled = F.grid_sample(field_values[None, None].to(points), grid, align_corners=True, padding_mode="border")
-        sampled = sampled.view(-1)
-        limit = self.cfg.sdf_init_clamp * float(self.cell_size.max())
-        sdf = torch.where(((unit < 0) | (unit > 1)).any(dim=-1), torch.full_like(sampled, -limit), sampled)
+        field = torch.from_numpy(np.ascontiguousarray(values / max(scale, 1e-8))).float().to(self.bbox)
+        # Join the pieces: union with capsules, max(field, radius - distance to the segment), on the
+        # source's grid; the grid's SDF is that field sampled at its vertices.
+        axes = [torch.linspace(float(lo), float(hi), n).to(field) for lo, hi, n in zip(bbox_min, bbox_max, field.shape)]
+        field_points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).view(-1, 3)
         radius = self.cfg.bridge_radius_cells * float(self.cell_size.max())
-        for start, end in bridges:  # union with a capsule: max(sdf, radius - distance to the segment)
-            start, end = torch.tensor(start).to(points), torch.tensor(end).to(points)
-            along = ((points - start) @ (end - start) / (end - start).square().sum().clamp_min(1e-12)).clamp(0, 1)
-            distance = (points - (start + along[:, None] * (end - start))).norm(dim=-1)
-            sdf = torch.maximum(sdf, radius - distance)
+        for start, end in bridges:
+            start, end = torch.tensor(start).to(field), torch.tensor(end).to(field)
+            along = ((field_points - start) @ (end - start) / (end - start).square().sum().clamp_min(1e-12)).clamp(0, 1)
+            distance = (field_points - (start + along[:, None] * (end - start))).norm(dim=-1)
+            field = torch.maximum(field, (radius - distance).view(field.shape))
+        self.seed_field = field
+        self.seed_box = torch.stack([bbox_min, bbox_max]).to(self.bbox)
+        # The field at the grid vertices (outside the field's box: outside the object).
+        points = self.bbox[0] + self.unit_vertices * (self.bbox[1] - self.bbox[0])
+        unit = (points - self.seed_box[0]) / (self.seed_box[1] - self.seed_box[0])
+        limit = self.cfg.sdf_init_clamp * float(self.cell_size.max())
+        sdf = torch.where(((unit < 0) | (unit > 1)).any(dim=-1), torch.full_like(points[:, 0], -limit), self.seed_distance(points))
         self.sdf.copy_(sdf.clamp(-limit, limit))
         self.deformation.zero_()
 
