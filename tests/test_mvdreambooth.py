@@ -204,8 +204,8 @@ def test_photo_subject_is_four_unposed_jpegs_the_subject_loader_masks(tmp_path: 
     assert [p.suffix for p in photos] == [".jpg"] * 4 and not (folder / "transforms.json").exists()
     assert len({Image.open(p).size for p in photos}) > 1  # each its own size
     loaded = load_subject(str(folder), SubjectImagesConfig(image_size=32))
-    assert loaded.mode == "single-view" and loaded.c2w is None
-    coverage = loaded.alpha.mean(dim=(1, 2))
+    assert loaded.mode == "multi-view + single views" and loaded.unposed == [0, 1, 2, 3]  # + hull views
+    coverage = loaded.alpha[:4].mean(dim=(1, 2))
     assert ((coverage > 0.05) & (coverage < 0.6)).all()  # masked from white and re-framed
 
 

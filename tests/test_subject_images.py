@@ -51,7 +51,7 @@ def test_a_non_image_file_among_the_photos_is_a_user_error_naming_it(tmp_path: P
         datamodule(tmp_path)
     (tmp_path / "notes.docx").unlink()
     (tmp_path / ".DS_Store").write_text("hidden files are not the user's")
-    assert datamodule(tmp_path).subject.rgb.shape[0] == 3
+    assert datamodule(tmp_path, unposed_views="none").subject.rgb.shape[0] == 3
 
 
 def test_a_mesh_with_no_faces_is_a_user_error(tmp_path: Path) -> None:
@@ -84,7 +84,7 @@ def test_not_an_image_or_mesh_is_a_user_error(tmp_path: Path) -> None:
 
 def test_rgb_on_white_is_masked_like_the_true_alpha(tmp_path: Path) -> None:
     truth = write_views(tmp_path, n_views=4, rgba=False)
-    subject = datamodule(tmp_path, recenter=False).subject
+    subject = datamodule(tmp_path, recenter=False, unposed_views="none").subject
     assert subject.source == "images" and subject.mode == "single-view" and subject.c2w is None
     true_mask, mask = truth["alpha"] > 0.5, subject.alpha > 0.5
     iou = (true_mask & mask).sum() / (true_mask | mask).sum()
@@ -165,3 +165,32 @@ def test_a_vertex_coloured_ply_keeps_its_colours(tmp_path: Path) -> None:
     colours = np.asarray(mesh.visual.vertex_colors)
     assert (colours[mesh.vertices[:, 2] > 0, :3] == [200, 30, 40]).all()
     assert (colours[mesh.vertices[:, 2] < 0, :3] == [30, 200, 40]).all()
+
+
+def test_unposed_photos_add_their_hull_rendered_in_groups_at_training_cameras(tmp_path: Path) -> None:
+    """Photos alone train only the 2D mode; their visual hull's renders add 4-view groups."""
+    truth = write_views(tmp_path, n_views=4, rgba=False)
+    module = datamodule(tmp_path, mesh_views=8)
+    subject = module.subject
+    assert subject.source == "images + hull views" and subject.mode == "multi-view + single views"
+    assert subject.singles == subject.unposed == [0, 1, 2, 3] and subject.groups == [[4, 5, 6, 7], [8, 9, 10, 11]]
+    # The hull renders show an object framed like the photos (the training renders' framing).
+    coverage = (subject.alpha > 0.5).float().mean(dim=(1, 2))
+    assert float(coverage[4:].mean()) == pytest.approx(float((truth["alpha"] > 0.5).float().mean()), rel=0.5)
+    # Its colours are the subject's: red above, blue below (the hull is coloured from the photos).
+    hull = subject.rgb[4:][subject.alpha[4:] > 0.9]
+    assert float(hull[:, 0].max()) > 0.6 and float(hull[:, 2].max()) > 0.6
+    # Batches: the photos without a camera (zeros), the hull views with theirs.
+    module.setup("fit")
+    batches = [module.train_set[i] for i in range(40)]
+    singles = [b for b in batches if b["num_views"] == 1]
+    groups = [b for b in batches if b["num_views"] == 4]
+    assert singles and groups
+    assert all(float(b["camera"].abs().sum()) == 0.0 for b in singles)
+    assert all(bool((b["camera"].abs().sum(dim=1) > 0).all()) for b in groups)
+
+
+def test_unposed_views_must_be_a_known_choice(tmp_path: Path) -> None:
+    write_views(tmp_path, n_views=2)
+    with pytest.raises(UserError, match="data.unposed_views"):
+        datamodule(tmp_path, unposed_views="guess")

@@ -92,12 +92,21 @@ def load_subject_mesh(path: Path, up_axis: str = "+z", colour: Sequence[float] =
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     if suffix in (".glb", ".gltf") or up_axis == "+y":
         vertices = vertices @ _Y_UP_TO_Z_UP.T
+    return canonical_mesh(trimesh.Trimesh(vertices=vertices, faces=np.asarray(mesh.faces), vertex_colors=vertex_colours, process=False), str(path))
+
+
+def canonical_mesh(mesh, name: str = "mesh"):
+    """A z-up vertex-coloured ``trimesh.Trimesh`` centred on its box, its largest side CANONICAL_EXTENT
+    (as the procedural assets); a UserError naming ``name`` when it spans no volume."""
+    import trimesh
+
+    vertices = np.asarray(mesh.vertices, dtype=np.float64)
     lo, hi = vertices.min(axis=0), vertices.max(axis=0)
     extent = float((hi - lo).max())
     if not np.isfinite(extent) or extent <= 0.0:
-        raise UserError(f"mesh '{path}' is degenerate (its vertices span no volume)")
+        raise UserError(f"mesh '{name}' is degenerate (its vertices span no volume)")
     vertices = (vertices - 0.5 * (lo + hi)) * (CANONICAL_EXTENT / extent)
-    return trimesh.Trimesh(vertices=vertices, faces=np.asarray(mesh.faces), vertex_colors=vertex_colours, process=False)
+    return trimesh.Trimesh(vertices=vertices, faces=np.asarray(mesh.faces), vertex_colors=mesh.visual.vertex_colors, process=False)
 
 
 def _render_view(

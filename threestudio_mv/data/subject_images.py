@@ -3,9 +3,13 @@
 ``data.image_dir`` is one of:
 
 - a folder of images: RGBA PNGs (alpha = the object), or RGB on a plain background, which is masked
-  here (the background colour is the median of the border pixels). Without cameras the images train
-  the model's 2D mode (F = 1, no camera); each is cropped to the object and re-framed so the object
-  fills ``object_fraction`` of the frame, as in the multi-view training renders.
+  here (the background colour is the median of the border pixels). Each is cropped to the object and
+  re-framed so the object fills ``object_fraction`` of the frame, as in the multi-view training
+  renders. Photos have no cameras, so alone they train only the model's 2D mode (F = 1, no camera)
+  and the model learns one side of the subject for every camera. With ``unposed_views: hull`` (the
+  default) the photos' cameras are found from their silhouettes and their coloured visual hull
+  (:mod:`threestudio_mv.data.photo_hull`) is rendered at the multi-view training cameras, as a mesh
+  subject is: those renders train the multi-view mode, the photos themselves still the 2D mode.
 - the same with a ``transforms.json`` (posed images: ``camera_angle_x``, ``frames[*].file_path`` and
   ``transform_matrix`` c2w in our convention, as written by ``python -m threestudio_mv.data.procedural
   render``): views whose cameras form groups of 4 at one elevation and 90 degrees apart in azimuth
@@ -38,6 +42,7 @@ from threestudio_mv.utils.config import parse_structured
 from threestudio_mv.utils.errors import UserError
 
 GROUP_SIZE = 4  # views per multi-view group, 90 degrees apart (the model's n_view)
+HULL_PHOTO_SIZE = 128  # photos are re-framed at this size for their silhouettes (unposed_views: hull)
 MIN_IMAGES = 2
 
 
@@ -53,6 +58,9 @@ class SubjectImagesConfig:
     recenter: bool = True  # images without cameras: crop to the object, re-frame it at object_fraction
     object_fraction: float = 0.55  # share of the frame the object's larger side fills after re-framing
     group_tolerance_deg: float = 10.0  # posed views: max elevation / azimuth error inside a 4-view group
+    # photos without cameras: "hull" (as well as the photos, renders of their visual hull at the
+    # multi-view training cameras, data/photo_hull.py) or "none" (the photos alone, single-view mode)
+    unposed_views: str = "hull"
     # Mesh input
     mesh_color: str = "gray"  # colour of meshes without colours: a palette name or #rrggbb
     mesh_up_axis: str = "+z"  # obj/ply/stl/off: "+z" (front +x) or "+y" (front +z); glTF is always +y
@@ -68,8 +76,9 @@ class SubjectImagesConfig:
 class SubjectImages:
     """Subject images at one size: ``rgb`` (N, S, S, 3) over the background, ``alpha`` (N, S, S),
     ``c2w`` (N, 4, 4) or None, ``groups`` (lists of 4 view indices, azimuth 90 degrees apart in
-    order), ``singles`` (indices trained as single views), ``source`` ("images", "posed images" or
-    "mesh") and ``names`` (file names, or view names for a mesh)."""
+    order), ``singles`` (indices trained as single views), ``source`` ("images", "posed images",
+    "images + hull views" or "mesh"), ``names`` (file names, or view names) and ``unposed``
+    (indices whose ``c2w`` is a placeholder: they train without a camera)."""
 
     rgb: Tensor
     alpha: Tensor
@@ -78,6 +87,7 @@ class SubjectImages:
     singles: List[int]
     source: str
     names: List[str]
+    unposed: List[int] = field(default_factory=list)
 
     @property
     def mode(self) -> str:
@@ -162,22 +172,52 @@ def load_image_folder(root: Path, cfg: SubjectImagesConfig) -> SubjectImages:
         c2w = torch.from_numpy(np.stack(poses)).float()
         groups, singles = group_views(c2w, cfg.group_tolerance_deg)
         return SubjectImages(rgb, alpha, c2w, groups, singles, "posed images", [p.name for p in paths])
-    return SubjectImages(rgb, alpha, None, [], list(range(len(paths))), "images", [p.name for p in paths])
+    photos = SubjectImages(rgb, alpha, None, [], list(range(len(paths))), "images", [p.name for p in paths])
+    return photos if cfg.unposed_views == "none" else _with_hull_views(photos, paths, cfg)
 
 
-def load_mesh_subject(path: Path, cfg: SubjectImagesConfig) -> SubjectImages:
-    """Render a subject mesh at ``cfg.mesh_views`` multi-view training cameras (groups of 4)."""
+def _with_hull_views(photos: SubjectImages, paths: Sequence[Path], cfg: SubjectImagesConfig) -> SubjectImages:
+    """The photos (single views without a camera) plus ``mesh_views`` renders of their visual hull
+    (:mod:`threestudio_mv.data.photo_hull`: cameras found from the silhouettes) at the multi-view
+    training cameras, in 4-view groups."""
+    from threestudio_mv.data.mesh_render import canonical_mesh
+    from threestudio_mv.data.photo_hull import photos_hull
+
+    sharp = torch.stack([frame_image(read_rgba(p, cfg.mask_threshold), HULL_PHOTO_SIZE, True, cfg.object_fraction) for p in paths])
+    mesh, poses = photos_hull(sharp)
+    views = mesh_views(canonical_mesh(mesh), cfg, "hull")
+    print(f"subject photos: cameras from their silhouettes (azimuth {[round(a) for a in poses.azimuth.tolist()]}, "
+          f"elevation {[round(e) for e in poses.elevation.tolist()]}; the hull covers {100 * poses.agreement:.0f}% of each silhouette)")
+    count = len(photos.names)
+    return SubjectImages(
+        rgb=torch.cat([photos.rgb, views.rgb]),
+        alpha=torch.cat([photos.alpha, views.alpha]),
+        c2w=torch.cat([torch.eye(4).expand(count, 4, 4), views.c2w]),
+        groups=[[count + i for i in group] for group in views.groups],
+        singles=list(range(count)),
+        source="images + hull views",
+        names=photos.names + views.names,
+        unposed=list(range(count)),
+    )
+
+
+def mesh_views(mesh: Any, cfg: SubjectImagesConfig, name: str) -> SubjectImages:
+    """Render a canonical vertex-coloured mesh at ``cfg.mesh_views`` multi-view training cameras (groups of 4)."""
     if cfg.mesh_views < GROUP_SIZE or cfg.mesh_views % GROUP_SIZE:
         raise UserError(f"config key 'data.mesh_views' must be a positive multiple of {GROUP_SIZE}, got {cfg.mesh_views}")
-    mesh = load_subject_mesh(path, cfg.mesh_up_axis, parse_colour(cfg.mesh_color))
     cameras = sample_view_groups(
         cfg.mesh_views // GROUP_SIZE, GROUP_SIZE, tuple(cfg.elevation_range), tuple(cfg.fovy_range),
         tuple(cfg.relative_distance_range), generator=torch.Generator().manual_seed(cfg.seed),
     )
     rendered = render_mesh(mesh, cameras["c2w"], cameras["fovy"], cfg.image_size, cfg.background)
     groups = [list(range(start, start + GROUP_SIZE)) for start in range(0, cfg.mesh_views, GROUP_SIZE)]
-    names = [f"{path.name}@elev{e:.0f}_azim{a:.0f}" for e, a in zip(cameras["elevation"].tolist(), cameras["azimuth"].tolist())]
+    names = [f"{name}@elev{e:.0f}_azim{a:.0f}" for e, a in zip(cameras["elevation"].tolist(), cameras["azimuth"].tolist())]
     return SubjectImages(rendered["rgb"], rendered["alpha"], cameras["c2w"], groups, [], "mesh", names)
+
+
+def load_mesh_subject(path: Path, cfg: SubjectImagesConfig) -> SubjectImages:
+    """Render a subject mesh at ``cfg.mesh_views`` multi-view training cameras (groups of 4)."""
+    return mesh_views(load_subject_mesh(path, cfg.mesh_up_axis, parse_colour(cfg.mesh_color)), cfg, path.name)
 
 
 def load_subject(image_dir: str, cfg: SubjectImagesConfig) -> SubjectImages:
@@ -211,6 +251,7 @@ class SubjectBatches(Dataset):
         self.images = subject.rgb.permute(0, 3, 1, 2).mul(2.0).sub(1.0).contiguous()
         if subject.c2w is not None:
             self.c2w, self.camera = subject.c2w, mvdream_camera_condition(subject.c2w)
+            self.camera[subject.unposed] = 0.0  # no camera: the model's 2D mode
         else:
             self.c2w, self.camera = torch.eye(4).expand(len(self.images), 4, 4).clone(), torch.zeros(len(self.images), 16)
         grouped = GROUP_SIZE * len(subject.groups)
@@ -267,6 +308,8 @@ class SubjectImagesDataModule(pl.LightningDataModule):
             raise UserError(f"config key 'data.background' expects 3 numbers (RGB in [0, 1]), got {self.cfg.background}")
         if not 0.0 < self.cfg.object_fraction <= 1.0:
             raise UserError(f"config key 'data.object_fraction' must be in (0, 1], got {self.cfg.object_fraction}")
+        if self.cfg.unposed_views not in ("hull", "none"):
+            raise UserError(f"config key 'data.unposed_views' must be 'hull' or 'none', got '{self.cfg.unposed_views}'")
         self.subject = load_subject(self.cfg.image_dir, self.cfg)
 
     def setup(self, stage: Optional[str] = None) -> None:
