@@ -248,3 +248,18 @@ def test_eval_cli_runs_all_arms_and_scores_them(tmp_path: Path) -> None:
     assert "photos: silhouette_iou_drop" in results["preservation"]
     assert (tmp_path / "eval" / "photos" / "views.png").is_file() and (tmp_path / "eval" / "sheet.png").is_file()
     assert results["summary"]["subjects"] == ["photos"]
+
+
+def test_view_consistency_score_finds_the_subjects_turn_and_rejects_one_side_everywhere() -> None:
+    from threestudio_mv.eval.dreambooth_eval import build_subject
+    from threestudio_mv.eval.dreambooth_views import best_turn_iou
+    from threestudio_mv.utils.camera import view_group
+
+    subject = build_subject("photos", Path("unused")).subject  # the dumbbell: its side and end views differ
+    size, elevation, fovy = 32, 15.0, 40.0
+    turned = view_group(4, elevation, 30.0 + 45.0, fovy)  # the subject turned by 45 degrees, from orbit start 30
+    masks = list(subject.render(turned["c2w"], turned["fovy"], size)[..., 3].numpy() > 0.5)
+    consistent = best_turn_iou(masks, subject, elevation, 30.0, fovy)
+    assert consistent["iou"] > 0.95 and consistent["turn_deg"] == 45.0
+    same_side = best_turn_iou([masks[1]] * 4, subject, elevation, 30.0, fovy)  # one side drawn from every camera
+    assert same_side["iou"] < consistent["iou"] - 0.2

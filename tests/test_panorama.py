@@ -140,3 +140,29 @@ def test_cli_on_the_bundled_model_writes_panorama_views_and_cameras(tmp_path) ->
         assert torch.allclose(forward, torch.tensor([np.cos(yaw), np.sin(yaw), 0.0], dtype=torch.float32), atol=1e-5)
     with Image.open(out / cameras["frames"][0]["file_path"]) as view0:
         assert np.abs(np.asarray(view0, dtype=np.float32) - [200, 30, 30]).max() <= 1  # the given view is kept
+
+
+
+@pytest.mark.parametrize("stage, trains, keeps", [("caa", "blocks", "unet"), ("base", "unet", "blocks")])
+def test_a_stage_continues_a_panorama_model_training_only_its_part(tmp_path, monkeypatch, stage, trains, keeps) -> None:
+    from threestudio_mv.models.mvdiffusion import panorama as model_module
+
+    class ZeroTexts(dict):  # every caption -> one fixed embedding (no sentence encoder in a unit test)
+        def __missing__(self, caption: str) -> torch.Tensor:
+            return torch.zeros(24, 384)
+
+    monkeypatch.setattr(model_module, "_text_table", lambda encoder, cache_dir: ZeroTexts())
+    cfg = model_module.TrainConfig(stage=stage, out=tmp_path / stage, steps=2, init=DEFAULT_PANORAMA_MODEL, rooms_per_step=1,
+                                   lr=1e-2, warmup=1, ema_decay=0.0, ckpt_every=1, given_prob=0.5, command="continue")
+    folder = model_module.train(cfg)
+    before = model_module.PanoramaModel.from_pretrained(DEFAULT_PANORAMA_MODEL)
+    after = model_module.PanoramaModel.from_pretrained(folder)
+    kept_before, kept_after = getattr(before.net, keeps).state_dict(), getattr(after.net, keeps).state_dict()
+    for name, weight in kept_before.items():
+        assert torch.equal(weight, kept_after[name]), name
+    start = torch.cat([w.flatten().float() for w in getattr(before.net, trains).state_dict().values()])
+    end = torch.cat([w.flatten().float() for w in getattr(after.net, trains).state_dict().values()])
+    assert (end != start).any(), f"the {trains} did not train"
+    assert (end - start).abs().max() < 0.1  # continued from the bundled weights, not from fresh ones
+    assert after.metadata.training_command.endswith("&& continue")
+    assert after.metadata.guidance_scale == before.metadata.guidance_scale

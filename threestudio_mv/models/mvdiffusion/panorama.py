@@ -210,7 +210,7 @@ class TrainConfig:
     stage: str  # "base" or "caa"
     out: Path  # run folder: ckpt.pt, log.csv, model/
     steps: int
-    init: Optional[Path] = None  # caa stage: the base stage's model folder
+    init: Optional[Path] = None  # base: a panorama model folder to continue; caa: a base or panorama model folder
     rooms_per_step: int = 2
     lr: float = 5e-4
     warmup: int = 100
@@ -244,21 +244,32 @@ def train(cfg: TrainConfig) -> Path:
     encoder = build_text_encoder({"type": "minilm", "max_length": 24})
     table = _text_table(encoder, cfg.out.parent / "text_cache")
     if cfg.stage == "base":
-        meta = PanoramaMetadata(init_mean=_pixel_mean(random.Random(cfg.seed + 1)))
-        model = PanoramaModel.create(encoder.spec(), encoder.dim, meta)
+        if cfg.init is not None:
+            # Continue a panorama model's base UNet (its CAA blocks are carried along untouched: the caa
+            # stage continues them afterwards on the new base).
+            model = PanoramaModel.from_pretrained(cfg.init)
+        else:
+            meta = PanoramaMetadata(init_mean=_pixel_mean(random.Random(cfg.seed + 1)))
+            model = PanoramaModel.create(encoder.spec(), encoder.dim, meta)
         trained: nn.Module = model.net.unet
     elif cfg.stage == "caa":
         if cfg.init is None:
             raise UserError("the caa stage needs --init, the base stage's model folder")
-        # The base UNet of the base stage, with fresh (identity) CAA blocks at the chosen levels.
-        meta = dataclasses.replace(read_folder_metadata(cfg.init, PanoramaMetadata), caa_min_stride=cfg.caa_min_stride)
-        unet = UNet2DConditionModel.from_pretrained(str(cfg.init / "unet"), low_cpu_mem_usage=False, torch_dtype=torch.float32)
-        net = CAAUNet(unet.requires_grad_(False), meta.fov_deg, meta.n_view, min_stride=meta.caa_min_stride)
-        model = PanoramaModel(net, dict(DDPMScheduler.load_config(str(cfg.init / "scheduler"))), encoder.spec(), meta)
-        trained = model.net.blocks
+        if (cfg.init / "caa").is_dir():
+            # A finished panorama model: its CAA blocks train on (the base stays frozen).
+            model = PanoramaModel.from_pretrained(cfg.init)
+            model.net.unet.requires_grad_(False)
+            trained = model.net.blocks
+        else:
+            # The base UNet of the base stage, with fresh (identity) CAA blocks at the chosen levels.
+            meta = dataclasses.replace(read_folder_metadata(cfg.init, PanoramaMetadata), caa_min_stride=cfg.caa_min_stride)
+            unet = UNet2DConditionModel.from_pretrained(str(cfg.init / "unet"), low_cpu_mem_usage=False, torch_dtype=torch.float32)
+            net = CAAUNet(unet.requires_grad_(False), meta.fov_deg, meta.n_view, min_stride=meta.caa_min_stride)
+            model = PanoramaModel(net, dict(DDPMScheduler.load_config(str(cfg.init / "scheduler"))), encoder.spec(), meta)
+            trained = model.net.blocks
     else:
         raise UserError(f"unknown stage '{cfg.stage}'; use base or caa")
-    command = cfg.command if cfg.stage == "base" else f"{model.metadata.training_command} && {cfg.command}"
+    command = f"{model.metadata.training_command} && {cfg.command}" if cfg.init is not None else cfg.command
     model.train()
     decay_start = int(cfg.steps * (1.0 - cfg.decay_fraction))
     run = TrainingRun(
@@ -316,7 +327,9 @@ def train_main(argv: List[str]) -> None:
     parser.add_argument("--stage", required=True, choices=["base", "caa"])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--steps", required=True, type=int)
-    parser.add_argument("--init", type=Path, default=None, help="caa stage: the base stage's model folder")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="base: a panorama model folder whose base UNet trains on; caa: the base stage's model folder "
+                             "(fresh CAA blocks) or a panorama model folder (its CAA blocks train on)")
     parser.add_argument("--rooms-per-step", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--given-prob", type=float, default=None, help="default: 0.15 (base), 0.5 (caa)")
