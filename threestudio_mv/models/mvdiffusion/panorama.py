@@ -256,17 +256,16 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.init is None:
             raise UserError("the caa stage needs --init, the base stage's model folder")
         if (cfg.init / "caa").is_dir():
-            # A finished panorama model: its CAA blocks train on (the base stays frozen).
+            # A finished panorama model: its CAA blocks train on.
             model = PanoramaModel.from_pretrained(cfg.init)
-            model.net.unet.requires_grad_(False)
-            trained = model.net.blocks
         else:
             # The base UNet of the base stage, with fresh (identity) CAA blocks at the chosen levels.
             meta = dataclasses.replace(read_folder_metadata(cfg.init, PanoramaMetadata), caa_min_stride=cfg.caa_min_stride)
             unet = UNet2DConditionModel.from_pretrained(str(cfg.init / "unet"), low_cpu_mem_usage=False, torch_dtype=torch.float32)
-            net = CAAUNet(unet.requires_grad_(False), meta.fov_deg, meta.n_view, min_stride=meta.caa_min_stride)
+            net = CAAUNet(unet, meta.fov_deg, meta.n_view, min_stride=meta.caa_min_stride)
             model = PanoramaModel(net, dict(DDPMScheduler.load_config(str(cfg.init / "scheduler"))), encoder.spec(), meta)
-            trained = model.net.blocks
+        model.net.unet.requires_grad_(False)  # the base stays frozen
+        trained = model.net.blocks
     else:
         raise UserError(f"unknown stage '{cfg.stage}'; use base or caa")
     command = f"{model.metadata.training_command} && {cfg.command}" if cfg.init is not None else cfg.command
