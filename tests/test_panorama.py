@@ -13,7 +13,7 @@ from threestudio_mv import panorama as cli
 from threestudio_mv.data.procedural import rooms
 from threestudio_mv.eval.panorama import overlap_psnr, psnr
 from threestudio_mv.models.mvdiffusion.caa import CAAUNet, panorama_correspondences
-from threestudio_mv.models.mvdiffusion.panorama import DEFAULT_PANORAMA_MODEL, stitch_equirect
+from threestudio_mv.models.mvdiffusion.panorama import DEFAULT_PANORAMA_MODEL, OverlapFusion, stitch_equirect
 from threestudio_mv.utils import camera
 
 
@@ -80,6 +80,23 @@ def test_stitching_ground_truth_views_reproduces_the_ground_truth_panorama() -> 
     assert rows.sum() >= 28  # latitudes within ~+-40 degrees are seen by some view everywhere
     assert psnr(stitched["image"][rows], truth[rows]) > 26.0
     assert overlap_psnr(views, yaws, 90.0) > 25.0
+
+
+
+def test_overlap_fusion_keeps_consistent_views_and_makes_independent_ones_agree() -> None:
+    yaws = camera.panorama_yaws(8, 0.0)
+    fusion = OverlapFusion(yaws, 90.0, 32)
+    room = rooms.build_room(rooms.room_keys("heldout")[5], seed=3)
+    truth = rooms.render_views(room, yaws, 32)["images"].permute(0, 3, 1, 2)
+    assert psnr(fusion(truth), truth) > 28.0  # views of one scene already agree: fusion barely moves them
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(16, 3, 4, 4, generator=generator)  # two panoramas of unrelated smooth views
+    independent = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
+    fused = fusion(independent)
+    assert fused.shape == independent.shape
+    for group in (slice(0, 8), slice(8, 16)):
+        assert overlap_psnr(independent[group], yaws, 90.0) < 12.0
+        assert overlap_psnr(fused[group], yaws, 90.0) > 25.0  # one colour per direction, up to resampling
 
 
 def test_room_captions_split_and_paraphrases() -> None:

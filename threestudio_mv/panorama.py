@@ -1,13 +1,15 @@
 """Text to 360-degree panorama with correspondence-aware attention (MVDiffusion at toy scale).
 
     python -m threestudio_mv.panorama --prompt "a room with red walls, a brown floor and a white ceiling" \
-        --out DIR [--seed 0] [--image VIEW.png] [--model DIR] [--steps N] [--guidance G] [--no-caa]
+        --out DIR [--seed 0] [--image VIEW.png] [--model DIR] [--steps N] [--guidance G] [--no-caa] [--no-fusion]
     python -m threestudio_mv.panorama train --stage base|caa --out RUN --steps N [--init MODEL] ...
 
 Writes ``DIR/panorama.png`` (equirectangular, 2:1, tent-blended), ``DIR/views/view_<i>.png`` (8 views,
 90-degree FOV, yaw 45 i degrees) and ``DIR/cameras.json`` (``fov_deg``, ``camera_angle_x`` and per view
 ``file_path``, ``yaw_deg`` and the OpenGL ``c2w``; z-up world, camera at the origin). ``--image``
-outpaints the panorama around one given view (view 0, yaw 0), resized to the model's view size.
+outpaints the panorama around one given view (view 0, yaw 0), resized to the model's view size. The
+8 views are denoised together (CAA), and each step's x0 is fused where views overlap, so the stitched
+panorama has no seams (``--no-fusion`` turns that off).
 """
 import argparse
 import math
@@ -87,6 +89,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default: the model's)")
     parser.add_argument("--no-caa", action="store_true", help="the base model alone (independent views; for comparison)")
+    parser.add_argument("--no-fusion", action="store_true", help="do not fuse the views' overlaps at each step (for comparison)")
     parser.add_argument("--cache-dir", default=None, help="text embedding cache folder")
     return parser.parse_args(argv)
 
@@ -109,8 +112,8 @@ def generate(args: argparse.Namespace) -> Dict[str, Path]:
     texts = CachedTextEncoder(model.build_text_encoder(), Path(args.cache_dir) if args.cache_dir else None)
     views = sample_panorama(
         model, texts.encode([args.prompt.strip()]), texts.encode([""]), given_view=given, use_caa=not args.no_caa,
-        num_inference_steps=args.steps, guidance_scale=args.guidance, eta=args.eta, generator=torch.Generator().manual_seed(args.seed),
-        progress=True,
+        fuse_overlaps=not args.no_fusion, num_inference_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
+        generator=torch.Generator().manual_seed(args.seed), progress=True,
     )
     return write_panorama(out, views, panorama_yaws(model.metadata.n_view), model.metadata.fov_deg)
 

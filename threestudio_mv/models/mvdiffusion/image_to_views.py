@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import math
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -46,6 +47,7 @@ from threestudio_mv.data.procedural.captions import parse_caption, vocabulary
 from threestudio_mv.data.procedural.dataset import BACKGROUND, ELEVATION_RANGE, FOVY_RANGE, RELATIVE_DISTANCE_RANGE
 from threestudio_mv.data.procedural.render import render_views
 from threestudio_mv.models.mvdiffusion.attention import multiview_processors, per_view_processors
+from threestudio_mv.models.mvdiffusion.cfg import anchor_background
 from threestudio_mv.models.mvdiffusion.folder import (
     SCHEDULER_CONFIG,
     load_folder_unet,
@@ -230,7 +232,8 @@ def sample_views(
     out = ddim_sample(
         predict, references.shape, model.scheduler_config, num_inference_steps or meta.num_inference_steps,
         eta=meta.eta if eta is None else eta, generator=generator, init_mean=meta.init_mean,
-        references=references, is_reference=is_reference, background=background, progress=progress, desc="views",
+        references=references, is_reference=is_reference, x0_transform=partial(anchor_background, background=background),
+        progress=progress, desc="views",
     )
     return ((out[n_inputs:] + 1.0) / 2.0).clamp(0.0, 1.0)
 

@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -43,6 +44,7 @@ from threestudio_mv.data.procedural.captions import parse_caption, vocabulary
 from threestudio_mv.data.procedural.dataset import BACKGROUND, ELEVATION_RANGE, FOVY_RANGE, RELATIVE_DISTANCE_RANGE
 from threestudio_mv.data.procedural.render import render_views
 from threestudio_mv.models.mvdiffusion.attention import MultiViewAttnProcessor, multiview_processors
+from threestudio_mv.models.mvdiffusion.cfg import anchor_background
 from threestudio_mv.models.mvdiffusion.folder import (
     SCHEDULER_CONFIG,
     load_folder_unet,
@@ -363,7 +365,8 @@ def generate_views(
 
     sample = ddim_sample(
         predict, clean.shape, model.scheduler_config, num_inference_steps or meta.num_inference_steps, generator=generator,
-        references=clean, is_reference=is_reference, background=torch.tensor(meta.background) * 2.0 - 1.0,
+        references=clean, is_reference=is_reference,
+        x0_transform=partial(anchor_background, background=torch.tensor(meta.background) * 2.0 - 1.0),
         progress=progress, desc="novel views",
     )
     out = ((sample + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,7 @@ class PanoramaMetadata:
     eta: float = 0.0
     caa_min_stride: int = 2  # CAA at feature strides >= this (2: not at the full-resolution level)
     init_mean: Optional[List[float]] = None  # per-channel pixel mean in [-1, 1] (sampler start)
+    fuse_overlaps: bool = True  # sampler default: fuse each step's x0 where views overlap (OverlapFusion)
     training_command: str = ""
     description: str = ""
 
@@ -160,6 +161,7 @@ def sample_panorama(
     uncond: Tensor,
     given_view: Optional[Tensor] = None,
     use_caa: bool = True,
+    fuse_overlaps: Optional[bool] = None,
     num_inference_steps: Optional[int] = None,
     guidance_scale: Optional[float] = None,
     eta: Optional[float] = None,
@@ -171,7 +173,8 @@ def sample_panorama(
     ``given_view`` (G, 3, H, W) in [0, 1] outpaints around view 0: it enters the mask channels, and
     after every DDIM step view 0 of the sample is replaced by the given view noised to the next
     timestep (re-imposed; exactly the given view at the end). ``use_caa=False`` runs the base model
-    alone (views independent). Returns (G*V, 3, H, W) in [0, 1], the views of a panorama contiguous.
+    alone (views independent). ``fuse_overlaps`` (default: the model's ``metadata.fuse_overlaps``) fuses
+    each step's x0 where views overlap (:class:`OverlapFusion`). Returns (G*V, 3, H, W) in [0, 1], the views of a panorama contiguous.
     """
     meta = model.metadata
     n_view, size = meta.n_view, meta.image_size
@@ -189,13 +192,15 @@ def sample_panorama(
     def predict(sample: Tensor, timestep: Tensor) -> Tensor:
         return predict_noise_with_cfg(model, sample, timestep, cond, uncond, given, n_view, scale)[0]
 
+    fuse = meta.fuse_overlaps if fuse_overlaps is None else fuse_overlaps
+    fusion = OverlapFusion(camera.panorama_yaws(n_view), meta.fov_deg, size) if fuse else None
     model.net.enabled = use_caa
     try:
         sample = ddim_sample(
             predict, (batch, SAMPLE_CHANNELS, size, size), model.scheduler_config,
             num_inference_steps or meta.num_inference_steps, eta=meta.eta if eta is None else eta,
             generator=generator, init_mean=meta.init_mean, references=references, is_reference=is_reference,
-            renoise_references=True, progress=progress,
+            renoise_references=True, x0_transform=fusion, progress=progress,
         )
     finally:
         model.net.enabled = True
@@ -351,6 +356,52 @@ def train_main(argv: List[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- stitching
+def view_lookup(directions: Tensor, yaws: Tensor, fov_deg: float) -> Tuple[Tensor, Tensor]:
+    """Where world ``directions`` (P, 3) fall in level views at ``yaws`` (V,): ``grid`` (V, P, 1, 2) for
+    ``grid_sample`` (normalised image coordinates) and the tent ``weight`` (V, P) = (1 - |x|)(1 - |y|)
+    (MVDiffusion's blending; 0 outside a view and behind it)."""
+    c2w = camera.yaw_c2w(yaws)
+    local = torch.einsum("vji,pj->vpi", c2w[:, :3, :3], directions)  # R^T d: camera coordinates
+    depth = -local[..., 2]
+    tan_half = torch.tan(torch.deg2rad(torch.tensor(fov_deg / 2.0)))
+    safe = torch.where(depth > 1e-6, depth, torch.ones_like(depth))
+    x, y = local[..., 0] / safe / tan_half, local[..., 1] / safe / tan_half
+    weight = ((1.0 - x.abs()).clamp_min(0.0) * (1.0 - y.abs()).clamp_min(0.0)) * (depth > 1e-6)
+    return torch.stack([x, -y], dim=-1)[:, :, None, :], weight  # image top = +y
+
+
+def read_views(views: Tensor, grid: Tensor) -> Tensor:
+    """Views (V, C, S, S) read at ``grid`` (V, P, 1, 2) -> (V, C, P), bilinear."""
+    return F.grid_sample(views.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[..., 0]
+
+
+class OverlapFusion:
+    """Makes a panorama's views agree where they overlap: each pixel of view i becomes the tent-weighted
+    mean of every view at that pixel's world direction, so views that see one direction hold one colour.
+
+    ``sample_panorama(fuse_overlaps=True)`` applies it to every DDIM step's x0 prediction, as
+    MultiDiffusion fuses overlapping windows: the model (with CAA) still denoises the views jointly, and
+    each step continues from one seamless scene.
+    """
+
+    def __init__(self, yaws: Tensor, fov_deg: float, size: int) -> None:
+        local = camera.camera_ray_directions(size, size, torch.tensor([fov_deg]))[0].reshape(-1, 3)
+        self.lookups = []  # per target view: grid (V, S*S, 1, 2) into every view, normalised weights (V, S*S)
+        for rotation in camera.yaw_c2w(yaws)[:, :3, :3]:
+            grid, weight = view_lookup(local @ rotation.T, yaws, fov_deg)
+            self.lookups.append((grid, weight / weight.sum(dim=0, keepdim=True)))
+        self.n_view, self.size = yaws.shape[0], size
+
+    def __call__(self, views: Tensor) -> Tensor:
+        """(G*V, C, S, S) views of G panoramas (each panorama's views contiguous) -> the same, fused."""
+        fused = []
+        for group in views.split(self.n_view):
+            for grid, weight in self.lookups:
+                colours = read_views(group, grid.to(views.device))  # (V, C, S*S)
+                fused.append((colours * weight.to(colours)[:, None]).sum(dim=0).view(-1, self.size, self.size))
+        return torch.stack(fused).to(views.dtype)
+
+
 def stitch_equirect(views: Tensor, yaws: Tensor, fov_deg: float = 90.0, height: int = 64, blend: str = "tent") -> Dict[str, Tensor]:
     """Equirectangular panorama (height, 2 height, 3) of level views (V, 3, S, S) in [0, 1] at ``yaws``.
 
@@ -361,20 +412,12 @@ def stitch_equirect(views: Tensor, yaws: Tensor, fov_deg: float = 90.0, height: 
     colour, not streaks). Returns ``image`` and ``covered`` (height, 2 height) bool.
     """
     width = 2 * height
-    directions = camera.equirect_directions(height, width).reshape(-1, 3)
-    c2w = camera.yaw_c2w(yaws)
-    local = torch.einsum("vji,pj->vpi", c2w[:, :3, :3], directions)  # R^T d: camera coordinates
-    depth = -local[..., 2]
-    tan_half = torch.tan(torch.deg2rad(torch.tensor(fov_deg / 2.0)))
-    safe = torch.where(depth > 1e-6, depth, torch.ones_like(depth))
-    x, y = local[..., 0] / safe / tan_half, local[..., 1] / safe / tan_half
-    weight = ((1.0 - x.abs()).clamp_min(0.0) * (1.0 - y.abs()).clamp_min(0.0)) * (depth > 1e-6)
+    grid, weight = view_lookup(camera.equirect_directions(height, width).reshape(-1, 3), yaws, fov_deg)
     if blend == "nearest":
         weight = F.one_hot(weight.argmax(dim=0), views.shape[0]).T.float() * (weight.max(dim=0).values > 0)
     elif blend != "tent":
         raise ValueError(f"unknown blend '{blend}'; use tent or nearest")
-    grid = torch.stack([x, -y], dim=-1)[:, :, None, :]  # (V, P, 1, 2), image top = +y
-    colours = F.grid_sample(views.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[..., 0]
+    colours = read_views(views, grid)
     total = weight.sum(dim=0)
     image = (colours * weight[:, None]).sum(dim=0) / total.clamp_min(1e-8)  # (3, P)
     image = image.T.reshape(height, width, 3)

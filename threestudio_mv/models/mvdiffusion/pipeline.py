@@ -1,13 +1,14 @@
 """Sampling multi-view images: DDIM (any eta) with classifier-free guidance through the shared helper,
 and :class:`MVDreamPipeline`, the interface of the community MVDream diffusers ports over a model folder."""
 import os
+from functools import partial
 from typing import List, Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from threestudio_mv.models.mvdiffusion.cfg import predict_noise_with_cfg
+from threestudio_mv.models.mvdiffusion.cfg import anchor_background, predict_noise_with_cfg
 from threestudio_mv.models.mvdiffusion.model import MultiViewDiffusionModel
 from threestudio_mv.models.mvdiffusion.sampler import ddim_sample
 from threestudio_mv.utils.camera import mvdream_camera_condition, view_group
@@ -41,16 +42,16 @@ def sample_multiview(
     camera = mvdream_camera_condition(c2w).to(device)
     cond, uncond = cond_embeddings.to(device), uncond_embeddings.to(device)
     shape = (c2w.shape[0], model.sample_channels, model.sample_size, model.sample_size)
-    background = None
+    anchor_to = None
     if anchor and model.metadata.background is not None and not model.metadata.latent:
-        background = torch.tensor(model.metadata.background, device=device) * 2.0 - 1.0
+        anchor_to = partial(anchor_background, background=torch.tensor(model.metadata.background, device=device) * 2.0 - 1.0)
 
     def predict(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         return predict_noise_with_cfg(model, sample, timestep, cond, uncond, camera, num_views, guidance_scale)[0]
 
     sample = ddim_sample(
         predict, shape, model.scheduler_config, num_inference_steps, eta=eta, generator=generator,
-        init_mean=model.metadata.init_mean, background=background, device=device, progress=progress,
+        init_mean=model.metadata.init_mean, x0_transform=anchor_to, device=device, progress=progress,
     )
     images = model.decode_samples(sample)
     return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)

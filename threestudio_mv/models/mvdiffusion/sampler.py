@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler
 from torch import Tensor
 from tqdm import tqdm
 
-from threestudio_mv.models.mvdiffusion.cfg import anchor_background, eps_from_x0, x0_from_eps
+from threestudio_mv.models.mvdiffusion.cfg import eps_from_x0, x0_from_eps
 
 Predict = Callable[[Tensor, Tensor], Tensor]
 
@@ -81,7 +81,7 @@ def ddim_sample(
     references: Optional[Tensor] = None,
     is_reference: Optional[Tensor] = None,
     renoise_references: bool = False,
-    background: Optional[Tensor] = None,
+    x0_transform: Optional[Callable[[Tensor], Tensor]] = None,
     device: Optional[torch.device] = None,
     progress: bool = False,
     desc: str = "DDIM",
@@ -94,8 +94,9 @@ def ddim_sample(
     ``init_mean`` (C,) starts from the forward process's marginal at the first timestep instead of
     N(0, 1). ``references`` with ``is_reference`` (B,) are imposed before the first step and after
     every step: clean, or with ``renoise_references`` noised to the next timestep (exact at the end).
-    ``background`` (C,) in model space anchors the border of each step's x0
-    (:func:`~threestudio_mv.models.mvdiffusion.cfg.anchor_background`). Returns the final sample.
+    ``x0_transform`` maps each step's x0 prediction (B, C, H, W) to the one the step continues from
+    (e.g. :func:`~threestudio_mv.models.mvdiffusion.cfg.anchor_background`, or a panorama's overlap
+    fusion). Returns the final sample.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     scheduler = DDIMScheduler.from_config(scheduler_config)
@@ -125,10 +126,10 @@ def ddim_sample(
         sample = impose_references(sample, reference_frames(0), is_reference)
     for index, timestep in enumerate(tqdm(timesteps, total=len(timesteps), desc=desc, disable=not progress)):
         output = predict(sample, timestep)
-        if background is not None:
+        if x0_transform is not None:
             alpha_bar = scheduler.alphas_cumprod[timestep].to(device)
             x0, _ = _to_x0_and_eps(kind, sample, output, alpha_bar)
-            output = _from_x0(kind, sample, anchor_background(x0, background.to(x0)), alpha_bar)
+            output = _from_x0(kind, sample, x0_transform(x0), alpha_bar)
         noise = torch.randn(shape, generator=generator).to(device) if eta > 0 else None
         sample = scheduler.step(output, timestep, sample, eta=eta, variance_noise=noise).prev_sample
         if references is not None:
