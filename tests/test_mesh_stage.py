@@ -294,6 +294,24 @@ def test_mesh_regularisers_are_larger_on_a_bumpy_sphere():
     assert losses.laplacian_smoothness(bumpy) > losses.laplacian_smoothness(round_mesh)
 
 
+
+def test_albedo_smoothness_is_zero_for_one_colour_and_evens_out_specks():
+    points = torch.rand(2048, 3) * 2.0 - 1.0
+    assert losses.albedo_smoothness(lambda p: torch.full_like(p, 0.4), points, 0.02, 1024) == 0.0
+    torch.manual_seed(0)
+    frequencies = torch.randn(3, 64) * 40.0  # a speckled colour field: high-frequency features
+    head = torch.nn.Linear(64, 3)
+    albedo = lambda p: torch.sigmoid(head(torch.sin(p @ frequencies)))  # noqa: E731
+    optimiser = torch.optim.Adam(head.parameters(), lr=1e-2)
+    before = float(losses.albedo_smoothness(albedo, points, 0.02, 1024))
+    for _ in range(100):
+        optimiser.zero_grad()
+        losses.albedo_smoothness(albedo, points, 0.02, 1024).backward()
+        optimiser.step()
+    assert float(losses.albedo_smoothness(albedo, points, 0.02, 1024)) < 0.3 * before
+    assert float(albedo(points).std(dim=0).max()) < 0.05  # nothing else ties the colours down: they even out
+
+
 @pytest.mark.skipif(not nvdiffrast_available(), reason="nvdiffrast and CUDA are not available")
 def test_nvdiffrast_and_the_pytorch_rasteriser_agree():
     grid = sphere_grid().cuda()

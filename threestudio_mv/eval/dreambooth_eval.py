@@ -181,6 +181,8 @@ def run_launch(arguments: List[str], log: Path, threads: int) -> Dict[str, Any]:
     with open(log, "w") as handle:
         result = subprocess.run(launch_command(*arguments), stdout=handle, stderr=subprocess.STDOUT, text=True, env=env)
     run: Dict[str, Any] = {"seconds": round(time.time() - start, 1)}
+    if any(argument.startswith("resume=") for argument in arguments):
+        run["resumed"] = True  # only the missing stages ran: its seconds are not the whole job's
     if result.returncode != 0:
         lines = [line for line in log.read_text().replace("\r", "\n").splitlines() if line.startswith("error:")]
         run["error"] = lines[0] if lines else f"exit code {result.returncode}, see {log}"
@@ -260,7 +262,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--finetune", nargs="*", default=[], help="key=value overrides of the fine-tune trials")
     parser.add_argument("--stage-3d", nargs="*", default=[], help="key=value overrides of every 3D trial")
     parser.add_argument("--jobs", type=int, default=1, help="trials run at once (each with cores / jobs threads)")
-    parser.add_argument("--reuse", action="store_true", help="reuse finished trials in --out instead of rerunning")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished trials and fine-tuned models in --out; "
+                        "an unfinished staged 3D trial runs only its missing stages")
     return parser.parse_args(argv)
 
 
@@ -288,17 +291,32 @@ def subject_arms(item: DreamBoothSubject, root: Path, prompt: str, args: argpars
             "tag=subject", "use_timestamp=false", *args.finetune,
         ],
     }
-    for arm, text in (("base, same prompt", prompt), ("base, class word", f"a {item.class_word}")):
-        commands[arm] = [
+    def text_to_3d(model: Path, text: str, trial: Path) -> List[str]:
+        command = [
             "--config", str(TEXT_TO_3D_CONFIG), "--train", "--export", "--test",
-            f"system.guidance.pretrained_model_name_or_path={base_model}", f"system.prompt_processor.prompt={text}",
-            f"exp_root_dir={root}", "name=base", f"tag={slug(text)}", "use_timestamp=false", *args.stage_3d,
+            f"system.guidance.pretrained_model_name_or_path={model}", f"system.prompt_processor.prompt={text}",
+            f"exp_root_dir={trial.parent.parent}", f"name={trial.parent.name}", f"tag={trial.name}", "use_timestamp=false",
+            *args.stage_3d,
         ]
+        if args.reuse and any(trial.glob("*/ckpts/last.ckpt")):  # finished stages are kept: only the rest runs
+            command.append(f"resume={trial}")
+        return command
+
+    for arm, text in (("base, same prompt", prompt), ("base, class word", f"a {item.class_word}")):
+        commands[arm] = text_to_3d(base_model, text, trials[arm])
+    if args.reuse and (tuned / "model" / "model_index.json").is_file():  # fine-tuned already: only its 3D stage
+        commands["personalised"] = text_to_3d(tuned / "model", prompt, trials["personalised"])
     return {
         arm: (trials[arm], None if args.reuse and finished(trials[arm]) else
               (lambda a=arm: run_launch(commands[a], root / f"{slug(a)}.log", threads)))
         for arm in ARMS
     }
+
+
+def whole_job_seconds(row: Dict[str, Any]) -> Optional[float]:
+    """Seconds of a subject's personalised run when it ran whole (not reused, not resumed)."""
+    run = row["runs"].get("personalised", {})
+    return None if run.get("resumed") else run.get("seconds")
 
 
 def summarise(rows: Dict[str, Any], preservation: Dict[str, Any]) -> Dict[str, Any]:
@@ -315,7 +333,7 @@ def summarise(rows: Dict[str, Any], preservation: Dict[str, Any]) -> Dict[str, A
         "mean_iou_base_class_word": float(np.mean([row["base, class word"]["iou"] for row in rows.values()])),
         "iou_margin_over_base_same_prompt": margins,
         "max_preservation_drop": float(max(drops)) if drops else None,
-        "seconds_personalised": {key: row["runs"].get("personalised", {}).get("seconds") for key, row in rows.items()},
+        "seconds_personalised": {key: whole_job_seconds(row) for key, row in rows.items()},
     }
 
 
@@ -327,7 +345,7 @@ def markdown_table(rows: Dict[str, Any]) -> str:
         for arm in ARMS:
             s = row[arm]
             cells.append("no surface" if s["chamfer_l1"] is None else f"{s['iou']:.2f} / {s['chamfer_l1']:.3f} / {s['delta_e']:.1f}")
-        seconds = row["runs"].get("personalised", {}).get("seconds")
+        seconds = whole_job_seconds(row)
         lines.append(f"| {key} | {row['given']} | " + " | ".join(cells) + f" | {seconds if seconds is not None else '-'} |")
     return "\n".join(lines) + "\n"
 

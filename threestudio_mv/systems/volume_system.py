@@ -50,6 +50,12 @@ class VolumeSystem(BaseSystem):
         # a mesh made from a volume (geometry.seed_distance): mean squared distance of its vertices to the
         # volume's surface, read on the volume's own grid: keeps the detail a coarser grid and smoothing lose
         lambda_seed_fidelity: Schedule = schedule(0.0)
+        # mean |albedo(x) - albedo(x + N(0, albedo_smoothness_scale^2))| at surface points: colours of
+        # surfaces the cameras never face (undersides, creases) follow their seen neighbours instead of
+        # keeping specks of the background or of the previous stage
+        lambda_albedo_smoothness: Schedule = schedule(0.0)
+        albedo_smoothness_scale: float = 0.02
+        albedo_smoothness_points: int = 4096
 
     def configure(self) -> None:
         cfg = self.cfg
@@ -110,7 +116,13 @@ class VolumeSystem(BaseSystem):
             "normal_consistency": (self.cfg.lambda_normal_consistency, lambda: losses.normal_consistency(out["mesh"])),
             "laplacian_smoothness": (self.cfg.lambda_laplacian_smoothness, lambda: losses.laplacian_smoothness(out["mesh"])),
             "seed_fidelity": (self.cfg.lambda_seed_fidelity, lambda: self.geometry.seed_distance(out["mesh"].vertices).square().mean()),
+            "albedo_smoothness": (self.cfg.lambda_albedo_smoothness, lambda: losses.albedo_smoothness(
+                self.albedo, out["mesh"].vertices.detach(), self.cfg.albedo_smoothness_scale, self.cfg.albedo_smoothness_points)),
         }
+
+    def albedo(self, points: torch.Tensor) -> torch.Tensor:
+        """(N, 3) world points -> (N, 3) albedo of the material there (what the exporter bakes)."""
+        return self.material.export(self.geometry.export(points)["features"])["albedo"]
 
     # ----------------------------------------------------------------------------- evaluation
     def _view_images(self, out: Dict[str, torch.Tensor], index: int, batch: Dict[str, Any]) -> List[Any]:

@@ -47,3 +47,12 @@ def laplacian_smoothness(mesh: Any) -> torch.Tensor:
     total = torch.zeros_like(vertices).index_add(0, edges[:, 0], vertices[edges[:, 1]])
     count = torch.zeros_like(vertices[:, :1]).index_add(0, edges[:, 0], torch.ones_like(vertices[edges[:, 1], :1]))
     return (vertices - total / count.clamp_min(1)).square().sum(-1).mean()
+
+
+def albedo_smoothness(albedo: Any, points: torch.Tensor, scale: float, count: int) -> torch.Tensor:
+    """Mean L1 difference of ``albedo`` (a function of (N, 3) points) between ``count`` random ``points``
+    and the same points jittered by N(0, scale^2): a smooth texture, as textured-mesh stages use."""
+    if points.shape[0] > count:
+        points = points[torch.randint(points.shape[0], (count,), device=points.device)]
+    jittered = points + scale * torch.randn_like(points)
+    return (albedo(points) - albedo(jittered)).abs().mean()
