@@ -250,6 +250,38 @@ def test_eval_cli_runs_all_arms_and_scores_them(tmp_path: Path) -> None:
     assert results["summary"]["subjects"] == ["photos"]
 
 
+
+def test_eval_reuse_runs_only_what_is_missing(tmp_path: Path, monkeypatch) -> None:
+    """--reuse: a fine-tuned model is not fine-tuned again (only its 3D stage runs), a staged trial with
+    finished stages resumes, a trial with an export is not rerun, and a resumed run's seconds are not the job's."""
+    from threestudio_mv.eval import dreambooth_eval as db
+
+    item = db.build_subject("procedural", tmp_path)
+    root, prompt, base = tmp_path / "eval" / "procedural", "a sks ice cream", tmp_path / "base-model"
+    tuned = root / "personalised" / "subject"
+    (tuned / "model").mkdir(parents=True)
+    (tuned / "model" / "model_index.json").write_text("{}")
+    (tuned / "3d" / "a_sks_ice_cream" / "coarse" / "ckpts").mkdir(parents=True)
+    (tuned / "3d" / "a_sks_ice_cream" / "coarse" / "ckpts" / "last.ckpt").write_bytes(b"")
+    export = root / "base" / "a_ice_cream" / "texture" / "save" / "it150-export"
+    export.mkdir(parents=True)
+    (export / "model.obj").write_text("")
+    launched = {}
+    monkeypatch.setattr(db, "run_launch", lambda arguments, log, threads: launched.setdefault(log.name, arguments) and {"seconds": 1.0})
+    args = db.parse_args(["--out", str(tmp_path / "eval"), "--reuse", "--stage-3d", "data.n_test_views=8"])
+    arms = db.subject_arms(item, root, prompt, args, base, 32, 1)
+    assert arms["base, class word"][1] is None  # finished: reused
+    for arm in ("personalised", "base, same prompt"):
+        arms[arm][1]()
+    personalised = launched["personalised.log"]
+    assert "configs/mvdream.yaml" in personalised[1] and "system.run_3d_stage=true" not in personalised
+    assert f"system.guidance.pretrained_model_name_or_path={tuned / 'model'}" in personalised
+    assert f"resume={tuned / '3d' / 'a_sks_ice_cream'}" in personalised and "data.n_test_views=8" in personalised
+    assert not any(argument.startswith("resume=") for argument in launched["base_same_prompt.log"])
+    rows = {"procedural": {"runs": {"personalised": {"seconds": 30.0, "resumed": True}}}}
+    assert db.whole_job_seconds(rows["procedural"]) is None
+
+
 def test_view_consistency_score_finds_the_subjects_turn_and_rejects_one_side_everywhere() -> None:
     from threestudio_mv.eval.dreambooth_eval import build_subject
     from threestudio_mv.eval.dreambooth_views import best_turn_iou
