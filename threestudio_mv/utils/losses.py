@@ -1,5 +1,5 @@
 """Regularisers shared by the systems (each lives here once)."""
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ def laplacian_smoothness(mesh: Any) -> torch.Tensor:
     return (vertices - total / count.clamp_min(1)).square().sum(-1).mean()
 
 
-def albedo_smoothness(albedo: Any, points: torch.Tensor, scale: float, count: int) -> torch.Tensor:
+def albedo_smoothness(albedo: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor, scale: float, count: int) -> torch.Tensor:
     """Mean L1 difference of ``albedo`` (a function of (N, 3) points) between ``count`` random ``points``
     and the same points jittered by N(0, scale^2): a smooth texture, as textured-mesh stages use."""
     if points.shape[0] > count:
