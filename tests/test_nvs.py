@@ -142,6 +142,27 @@ def test_references_come_out_unchanged_and_key_rescale_acts(model_dir, views):
         assert torch.allclose(plain, model(sample, t, cond, 4, 0, 1.5))  # no references: nothing to rescale
 
 
+def test_warp_anchor_sets_warped_pixels_from_its_start_step(model_dir, views):
+    model = nv.NovelViewModel.from_pretrained(model_dir)
+    cond = nv.frame_conditions(views["rgb"][:2], views["depth"][:2], views["c2w"][:2], views["fovy"][:2], views["c2w"][2:], views["fovy"][2:], model.metadata)
+    valid = cond[:, nv.WARPED.stop - 1] > 0.5
+    assert valid[2:].sum() > 50  # the targets see some of the references
+    anchor = nv.WarpAnchor(cond, torch.ones(3), start_step=1)
+    x0 = torch.full((4, 3, 32, 32), 0.3)
+    first, second = anchor(x0), anchor(x0)
+    assert torch.allclose(first, torch.ones_like(first))  # step 0: the background anchor only (border -> white)
+    warped = cond[:, nv.WARPED.start : nv.WARPED.start + 3]
+    assert torch.equal(second.permute(0, 2, 3, 1)[valid], warped.permute(0, 2, 3, 1)[valid])
+    assert torch.allclose(second.permute(0, 2, 3, 1)[~valid], torch.ones(int((~valid).sum()), 3))
+    refs = views["rgb"][:2]
+    anchored = nv.generate_views(model, cond, refs, 1.0, 4, generator=torch.Generator().manual_seed(0), warp_anchor_start=0.5)
+    plain = nv.generate_views(model, cond, refs, 1.0, 4, generator=torch.Generator().manual_seed(0), warp_anchor_start=1.0)
+    target_valid = valid[2:]
+    expected = ((warped[2:] + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)[target_valid]
+    error = lambda out: (out[2:].permute(0, 2, 3, 1)[target_valid] - expected).abs().mean()  # noqa: E731
+    assert error(anchored) < 0.02 < error(plain)
+
+
 def test_fresh_prior_encoder_is_the_identity_and_folder_round_trips(model_dir, views, tmp_path):
     fresh = nv.NovelViewModel.create().eval()
     cond = nv.frame_conditions(views["rgb"][:1], views["depth"][:1], views["c2w"][:1], views["fovy"][:1], views["c2w"][1:], views["fovy"][1:], fresh.metadata)
@@ -185,6 +206,9 @@ def test_train_checkpoints_and_resumes(tmp_path, capsys):
     assert "resumed train nvs from step 1" in capsys.readouterr().out
     assert len((tmp_path / "run" / "log.csv").read_text().splitlines()) == 2
     assert nv.NovelViewModel.from_pretrained(tmp_path / "run" / "model").metadata.training_command == "test"
+    continued = nv.train(nv.TrainConfig(out=tmp_path / "more", steps=1, samples_per_step=1, frames=4, ckpt_every=1, command="more",
+                                        init=tmp_path / "run" / "model"))
+    assert nv.NovelViewModel.from_pretrained(continued).metadata.training_command == "test && more"
 
 
 def test_depth_estimator_masks_and_round_trips(depth_dir, views):

@@ -150,6 +150,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--key_rescale", type=float, default=1.2, help="reference-key rescale, used when nframe > 28")
     parser.add_argument("--target_cameras", default=None, help="transforms.json of the target cameras (replaces the trajectory)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_warp_anchor", action="store_true",
+                        help="sample as MVGenMaster: do not anchor the last steps to the warped reference pixels")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     parser.add_argument("--model", default=None, help="novel-view model folder (default: the bundled nvs-tiny)")
     parser.add_argument("--depth_model", default=None, help="depth estimator folder (default: the bundled depth-tiny)")
@@ -186,9 +188,11 @@ def run(args: argparse.Namespace) -> Dict[str, Path]:
     condition = frame_conditions(refs["rgb"], refs["depth"], refs["c2w"], refs["fovy"], target_c2w, target_fovy, meta)
     start = time.time()
     images = generate_views(model, condition, refs["rgb"], args.val_cfg, args.steps, key_rescale,
-                            torch.Generator().manual_seed(args.seed), progress=True)
+                            torch.Generator().manual_seed(args.seed), progress=True,
+                            warp_anchor_start=1.0 if args.no_warp_anchor else None)
     extra = {"generator": {"input_path": str(args.input_path), "references": count, "frames_in_one_pass": frames,
-                           "key_rescale": key_rescale, "val_cfg": args.val_cfg, "depth": refs["depth_source"],
+                           "key_rescale": key_rescale, "val_cfg": args.val_cfg,
+                           "warp_anchor": not args.no_warp_anchor, "depth": refs["depth_source"],
                            "seconds": round(time.time() - start, 2)}}
     alpha = foreground_alpha(images)
     alpha[:count] = refs["alpha"]
