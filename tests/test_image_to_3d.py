@@ -17,6 +17,7 @@ from threestudio_mv.models.mvdiffusion.image_to_views import (
     target_cameras,
     training_batch,
 )
+from threestudio_mv.data.image_views import ImageViewsConfig, default_views_dir
 from threestudio_mv.models.mvdiffusion.sampler import noise_targets, target_loss, training_target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,3 +229,17 @@ def test_training_with_rendering_workers_trains_and_exports(tmp_path: Path, monk
     losses = [float(line.split(",")[1]) for line in (tmp_path / "run" / "log.csv").read_text().splitlines()]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert ImageToViewsModel.from_pretrained(folder).metadata.stages[-1]["stage"] == "eps1"
+
+
+def test_views_cache_follows_the_model_folder_settings(tmp_path: Path) -> None:
+    image = tmp_path / "in.png"
+    image.write_bytes(b"not read as an image here")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"metadata": {"guidance_scale": 2.0}}))
+    cfg = ImageViewsConfig(image_path=str(image), model=str(folder))
+    before = default_views_dir([image], cfg)
+    assert default_views_dir([image], cfg) == before
+    (folder / "model_index.json").write_text(json.dumps({"metadata": {"guidance_scale": 4.0}}))
+    assert default_views_dir([image], cfg) != before  # new default sampling: not the old views
+    assert default_views_dir([image], ImageViewsConfig(image_path=str(image), model=str(folder), seed=1)) != default_views_dir([image], cfg)

@@ -42,13 +42,18 @@ class ImageViewsConfig(PosedImagesConfig):
 
 
 def default_views_dir(paths: List[Path], cfg: ImageViewsConfig) -> Path:
-    """``$XDG_CACHE_HOME/threestudio-mv/image-to-3d/<hash>``: the hash of the inputs' bytes and the
-    sampling settings (``~/.cache`` when XDG_CACHE_HOME is unset)."""
+    """``$XDG_CACHE_HOME/threestudio-mv/image-to-3d/<hash>``: the hash of the inputs' bytes, the model
+    folder's ``model_index.json`` (its default sampling settings) and the sampling settings given
+    (``~/.cache`` when XDG_CACHE_HOME is unset)."""
+    from threestudio_mv.models.mvdiffusion.image_to_views import DEFAULT_I2MV_MODEL
+
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.read_bytes())
-    model = str(Path(cfg.model).expanduser().resolve()) if cfg.model else "bundled"
-    settings = (model, cfg.seed, cfg.num_inference_steps, cfg.guidance_scale, cfg.mask_threshold)
+    model = Path(cfg.model).expanduser().resolve() if cfg.model else DEFAULT_I2MV_MODEL
+    index = model / "model_index.json"
+    digest.update(index.read_bytes() if index.is_file() else b"")
+    settings = (str(model) if cfg.model else "bundled", cfg.seed, cfg.num_inference_steps, cfg.guidance_scale, cfg.mask_threshold)
     digest.update(repr(settings).encode())
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "threestudio-mv" / "image-to-3d" / digest.hexdigest()[:16]
