@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from threestudio_mv.data.procedural.captions import vocabulary
-from threestudio_mv.eval.metrics import foreground_mask, psnr, silhouette_iou, view_scores
+from threestudio_mv.eval.metrics import psnr, silhouette_iou, view_scores
 from threestudio_mv.eval.reconstruction import fit_and_score
 from threestudio_mv.models.depth_estimator import DepthEstimator
 from threestudio_mv.models.mvdiffusion.novel_views import (
@@ -50,23 +50,18 @@ from threestudio_mv.models.mvdiffusion.novel_views import (
     random_cameras,
     render_with_depth,
 )
+from threestudio_mv.nvs import foreground_alpha
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
 from threestudio_mv.utils.io import image_grid, load_image, save_image, save_json
 from threestudio_mv.utils.trial import slug
 
-def rule_masks(images: np.ndarray) -> np.ndarray:
-    """The foreground rule on (N, H, W, 3) images over white: (N, H, W) bool."""
-    return np.stack([foreground_mask(image, despeckle=True) for image in images])
-
-
 def score(pred: Tensor, gt: Tensor, gt_alpha: Tensor) -> Dict[str, float]:
     """Mean metrics over frames: pred, gt (N, 3, S, S) in [0, 1], gt_alpha (N, S, S) (see the module
     docstring for the two silhouette IoUs)."""
-    pred_hwc, gt_hwc = pred.permute(0, 2, 3, 1).numpy(), gt.permute(0, 2, 3, 1).numpy()
-    generated = rule_masks(pred_hwc)
-    result = view_scores(pred_hwc, generated, gt_hwc, gt_alpha.numpy() > 0.5)
+    generated, true_by_rule = foreground_alpha(pred).numpy() > 0.5, foreground_alpha(gt).numpy() > 0.5
+    result = view_scores(pred.permute(0, 2, 3, 1).numpy(), generated, gt.permute(0, 2, 3, 1).numpy(), gt_alpha.numpy() > 0.5)
     result["silhouette_iou_alpha"] = result.pop("silhouette_iou")
-    result["silhouette_iou"] = float(np.mean([silhouette_iou(a, b) for a, b in zip(generated, rule_masks(gt_hwc), strict=True)]))
+    result["silhouette_iou"] = float(np.mean([silhouette_iou(a, b) for a, b in zip(generated, true_by_rule, strict=True)]))
     return result
 
 
