@@ -78,6 +78,31 @@ def test_splat_keeps_the_nearest_point_across_sources():
     assert out["depth"].max() == pytest.approx(2.5, abs=1e-3)
 
 
+
+def test_soft_z_buffer_averages_one_surface_and_keeps_occluded_points_out():
+    camera = look_at_c2w(torch.tensor([[0.0, 0.0, 3.0]]) + torch.tensor([[1e-3, 0.0, 0.0]]))
+    points = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.02], [0.0, 0.0, -1.0]])  # one pixel: a surface, a hidden point
+    values = torch.tensor([[1.0], [3.0], [10.0]])
+    hard = splat(points, values, camera, torch.tensor([40.0]), 9, 9)
+    soft = splat(points, values, camera, torch.tensor([40.0]), 9, 9, depth_tolerance=0.05)
+    assert hard["values"].max() == 3.0  # the nearest alone
+    assert soft["values"].max() == pytest.approx(2.0)  # both points of the surface, not the hidden one
+    assert soft["valid"].sum() == 1 and soft["depth"].max() == pytest.approx(2.98, abs=1e-3)
+
+
+def test_supersampled_warp_fills_the_holes_of_a_slanted_view(views):
+    refs, target = views["c2w"][:1], views["c2w"][1:]
+    args = (views["rgb"][:1], views["depth"][:1], refs, views["fovy"][:1], target, views["fovy"][1:], 32)
+    plain, dense = warp_references(*args), warp_references(*args, supersample=2, depth_tolerance=0.05)
+    assert dense["valid"].sum() > 1.05 * plain["valid"].sum()
+    covered = (plain["valid"] > 0.5) & (dense["valid"] > 0.5)
+    assert (covered.sum() / plain["valid"].sum()) > 0.97  # the pixels the plain warp covered stay covered
+    own = warp_references(views["rgb"][:1], views["depth"][:1], refs, views["fovy"][:1], refs, views["fovy"][:1], 32,
+                          supersample=2, depth_tolerance=0.05)
+    seen = views["depth"][0] > 0
+    assert torch.allclose(own["values"][0][:, seen], views["rgb"][0][:, seen], atol=1e-5)  # own camera: still the render
+
+
 # ------------------------------------------------------------------------------------------- cameras
 def test_plucker_rays_of_a_known_camera():
     c2w = torch.eye(4)[None].clone()
@@ -207,8 +232,11 @@ def test_train_checkpoints_and_resumes(tmp_path, capsys):
     assert len((tmp_path / "run" / "log.csv").read_text().splitlines()) == 2
     assert nv.NovelViewModel.from_pretrained(tmp_path / "run" / "model").metadata.training_command == "test"
     continued = nv.train(nv.TrainConfig(out=tmp_path / "more", steps=1, samples_per_step=1, frames=4, ckpt_every=1, command="more",
-                                        init=tmp_path / "run" / "model"))
-    assert nv.NovelViewModel.from_pretrained(continued).metadata.training_command == "test && more"
+                                        init=tmp_path / "run" / "model", warp_supersample=2, warp_depth_tolerance=0.05))
+    meta = nv.NovelViewModel.from_pretrained(continued).metadata
+    assert meta.training_command == "test && more"
+    assert (meta.warp_supersample, meta.warp_depth_tolerance) == (2, 0.05)  # the continued model's splatting
+    assert nv.NovelViewModel.from_pretrained(tmp_path / "run" / "model").metadata.warp_supersample == 1
 
 
 def test_depth_estimator_masks_and_round_trips(depth_dir, views):

@@ -24,10 +24,13 @@ def backproject(depth: Tensor, c2w: Tensor, fovy: Tensor) -> Tensor:
     return torch.einsum("bij,bhwj->bhwi", c2w[:, :3, :3].float(), points) + c2w[:, None, None, :3, 3].float()
 
 
-def splat(points: Tensor, values: Tensor, c2w: Tensor, fovy: Tensor, height: int, width: int) -> Dict[str, Tensor]:
+def splat(points: Tensor, values: Tensor, c2w: Tensor, fovy: Tensor, height: int, width: int,
+          depth_tolerance: float = 0.0) -> Dict[str, Tensor]:
     """Z-buffered splatting of world ``points`` (N, 3) carrying ``values`` (N, C) into cameras c2w
     (T, 4, 4), fovy (T,) degrees, at height x width. Each point lands on the pixel containing its
-    projection; where several land on one pixel the nearest (smallest z-depth) wins.
+    projection; where several land on one pixel the nearest (smallest z-depth) wins, and with a
+    ``depth_tolerance`` every point within that relative depth of the nearest is averaged (a soft
+    z-buffer: the points of one surface share the pixel, as a render's anti-aliasing does).
 
     Returns ``values`` (T, C, H, W) (0 where nothing landed), ``valid`` (T, 1, H, W) float and
     ``depth`` (T, 1, H, W) (the winner's z-depth, 0 where invalid)."""
@@ -44,10 +47,11 @@ def splat(points: Tensor, values: Tensor, c2w: Tensor, fovy: Tensor, height: int
     pixel, z_in = pixel[inside], z[inside]
     total = targets * height * width
     nearest = torch.full((total,), float("inf"), device=points.device).scatter_reduce(0, pixel, z_in, reduce="amin")
-    winner = z_in <= nearest[pixel]  # ties: any of the tied points (equal depth) may be written
-    out = torch.zeros(total, channels, device=points.device)
+    winner = z_in <= nearest[pixel] * (1.0 + depth_tolerance)
     source = values[None].expand(targets, count, channels)[inside][winner].float()
-    out[pixel[winner]] = source
+    out = torch.zeros(total, channels, device=points.device).index_add_(0, pixel[winner], source)
+    hits = torch.zeros(total, device=points.device).index_add_(0, pixel[winner], torch.ones_like(source[:, 0]))
+    out = out / hits.clamp_min(1.0)[:, None]
     valid = torch.isfinite(nearest)
     depth = torch.where(valid, nearest, torch.zeros_like(nearest))
     shape = (targets, height, width)
@@ -59,20 +63,27 @@ def splat(points: Tensor, values: Tensor, c2w: Tensor, fovy: Tensor, height: int
 
 
 def warp_references(
-    rgb: Tensor, depth: Tensor, c2w: Tensor, fovy: Tensor, target_c2w: Tensor, target_fovy: Tensor, size: int
+    rgb: Tensor, depth: Tensor, c2w: Tensor, fovy: Tensor, target_c2w: Tensor, target_fovy: Tensor, size: int,
+    supersample: int = 1, depth_tolerance: float = 0.0,
 ) -> Dict[str, Tensor]:
     """Warp reference images into target cameras through their depth (nearest wins across references).
 
     ``rgb`` (R, C, H, W) (any values: colours, coordinates), ``depth`` (R, H, W) z-depth (<= 0: no
     depth, e.g. background), cameras c2w (R, 4, 4), fovy (R,); targets (T, 4, 4), (T,); output
-    resolution ``size``. Returns :func:`splat`'s dict plus ``points`` (T, 3, size, size): the world
-    point each target pixel received (0 where invalid).
+    resolution ``size``. ``supersample`` s > 1 back-projects each reference pixel as s x s points at
+    its sub-pixel centres (its colour and depth repeated), so a surface seen at a slant or from
+    farther away leaves fewer holes in a target; ``depth_tolerance``: see :func:`splat`. Returns
+    :func:`splat`'s dict plus ``points`` (T, 3, size, size): the world point each target pixel
+    received (their mean with a tolerance; 0 where invalid).
     """
+    if supersample > 1:
+        rgb = rgb.repeat_interleave(supersample, dim=-2).repeat_interleave(supersample, dim=-1)
+        depth = depth.repeat_interleave(supersample, dim=-2).repeat_interleave(supersample, dim=-1)
     points = backproject(depth, c2w, fovy)
     keep = depth > 0
     world = points[keep]
     colours = rgb.permute(0, 2, 3, 1)[keep]
-    result = splat(world, torch.cat([colours, world], dim=-1), target_c2w, target_fovy, size, size)
+    result = splat(world, torch.cat([colours, world], dim=-1), target_c2w, target_fovy, size, size, depth_tolerance)
     channels = rgb.shape[1]
     values = result.pop("values")
     return {"values": values[:, :channels], "points": values[:, channels:], **result}

@@ -83,6 +83,8 @@ class NovelViewMetadata:
     )  # attn1 of these blocks joins all frames of a sample
     guidance_scale: float = 2.0
     num_inference_steps: int = 20
+    warp_supersample: int = 1  # reference pixels back-projected as s x s points (utils.warp.warp_references)
+    warp_depth_tolerance: float = 0.0  # soft z-buffer: points within this relative depth of the nearest average
     warp_anchor_start: float = 0.75  # fraction of the DDIM steps after which warped pixels anchor x0 (1: never)
     key_rescale_min_frames: int = 29  # the paper rescales reference keys when nframe > 28
     default_fovy: float = 40.0  # a single image without a camera is assumed seen like this
@@ -306,9 +308,10 @@ def frame_conditions(
     relative, scale = relative_cameras(c2w, c2w[0], metadata.camera_longest_side)
     ref_relative = relative[:count]
     depth = ref_depth.float() * scale
-    warped = warp_references(ref_rgb.float() * 2.0 - 1.0, depth, ref_relative, fovy[:count], relative, fovy, size)
+    splatting = {"supersample": metadata.warp_supersample, "depth_tolerance": metadata.warp_depth_tolerance}
+    warped = warp_references(ref_rgb.float() * 2.0 - 1.0, depth, ref_relative, fovy[:count], relative, fovy, size, **splatting)
     low = size // metadata.ccm_stride
-    coarse = warp_references(ref_rgb.float(), depth, ref_relative, fovy[:count], relative, fovy, low)
+    coarse = warp_references(ref_rgb.float(), depth, ref_relative, fovy[:count], relative, fovy, low, **splatting)
     ccm = encode_coordinates(coarse["points"], coarse["valid"], metadata.ccm_frequencies)
     mask = torch.ones(c2w.shape[0], 1, size, size)
     mask[:count] = 0.0
@@ -455,19 +458,24 @@ class TrainConfig:
     seed: int = 0
     command: str = ""
     init: Optional[Path] = None  # a novel-view model folder to continue (its training command is chained)
+    warp_supersample: Optional[int] = None  # None: the folder's (or the default for a new model)
+    warp_depth_tolerance: Optional[float] = None
 
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the exported model folder ``<out>/model`` (EMA weights)."""
     torch.manual_seed(cfg.seed)
+    splatting = {key: value for key, value in (("warp_supersample", cfg.warp_supersample),
+                                               ("warp_depth_tolerance", cfg.warp_depth_tolerance)) if value is not None}
     if cfg.init is None:
-        meta = NovelViewMetadata(frames_per_sample=cfg.frames, training_command=cfg.command,
+        meta = NovelViewMetadata(frames_per_sample=cfg.frames, training_command=cfg.command, **splatting,
                                  description="MVGenMaster at toy scale: 32 px procedural objects, 1-3 posed references with depth")
         model = NovelViewModel.create(meta).train()
     else:
         model = NovelViewModel.from_pretrained(cfg.init).train()
         meta = model.metadata = dataclasses.replace(
-            model.metadata, frames_per_sample=cfg.frames, training_command=f"{model.metadata.training_command} && {cfg.command}")
+            model.metadata, frames_per_sample=cfg.frames, training_command=f"{model.metadata.training_command} && {cfg.command}",
+            **splatting)
     run = TrainingRun(model, cfg.out, cfg.steps, cfg.lr, cfg.warmup, cfg.ema_decay, cfg.ckpt_every, cfg.seed, desc="train nvs")
     scheduler = DDPMScheduler.from_config(model.scheduler_config)
     captions = vocabulary("train")
@@ -520,13 +528,20 @@ def train_main(argv: List[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--init", type=Path, default=None, help="a novel-view model folder to continue training")
+    parser.add_argument("--warp-supersample", type=int, default=None, help="reference pixels splatted as s x s points (default: the folder's, 1 for a new model)")
+    parser.add_argument("--warp-depth-tolerance", type=float, default=None, help="soft z-buffer tolerance, relative depth (default: the folder's, 0 for a new model)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.warp_supersample is not None and args.warp_supersample < 1:
+        raise UserError(f"--warp-supersample must be at least 1, got {args.warp_supersample}")
+    if args.warp_depth_tolerance is not None and args.warp_depth_tolerance < 0:
+        raise UserError(f"--warp-depth-tolerance must be >= 0, got {args.warp_depth_tolerance}")
     if args.frames < NovelViewMetadata.max_references + 1:
         raise UserError(f"--frames must be at least {NovelViewMetadata.max_references + 1} (3 references + a target), got {args.frames}")
     torch.set_num_threads(args.threads)
     command = "python -m threestudio_mv.nvs train " + " ".join(argv)
     cfg = TrainConfig(out=args.out, steps=args.steps, samples_per_step=args.samples_per_step, frames=args.frames, lr=args.lr,
-                      ckpt_every=args.ckpt_every, seed=args.seed, command=command, init=args.init)
+                      ckpt_every=args.ckpt_every, seed=args.seed, command=command, init=args.init,
+                      warp_supersample=args.warp_supersample, warp_depth_tolerance=args.warp_depth_tolerance)
     print(train(cfg))
