@@ -323,3 +323,16 @@ def test_bad_input_is_one_line_exit_2(case, message, model_dir, posed_folder, tm
     assert raised.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_eval_warp_only_compares_the_dense_warp_with_the_plain_one(tmp_path, capsys):
+    from threestudio_mv.eval import nvs as eval_nvs
+
+    meta = nv.NovelViewMetadata(warp_supersample=2, warp_depth_tolerance=0.05)
+    folder = nv.NovelViewModel.create(meta).save_pretrained(tmp_path / "model")
+    eval_nvs.main(["--out", str(tmp_path / "eval"), "--assets", "2", "--targets", "3", "--references", "2",
+                   "--model", str(folder), "--warp_only"])
+    arms = json.loads((tmp_path / "eval" / "results.json").read_text())["by_references"]["2"]
+    assert set(arms) == {"warp_only", "warp_only_plain", "truth"}  # no sampled arm
+    assert 0.5 < arms["warp_only_plain"]["coverage"] < arms["warp_only"]["coverage"] <= 1.0
+    assert '"warp_only_plain"' in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """Evaluate novel-view synthesis (MVGenMaster at toy scale) against procedural ground truth.
 
     python -m threestudio_mv.eval.nvs [--out outputs/eval-nvs] [--assets 6] [--targets 8] [--steps 20]
-        [--long 28 100] [--mesh 3] [--model DIR] [--depth_model DIR] [--seed 0]
+        [--long 28 100] [--mesh 3] [--model DIR] [--depth_model DIR] [--seed 0] [--warp_only]
 
 On held-out assets, with 1, 2 and 3 references and ``--targets`` targets, every camera random over the
 training ranges (elevation, any azimuth, FOV, framing; the references of a sample share a FOV):
@@ -14,7 +14,10 @@ render too (a perfect view scores 1), ``silhouette_iou_alpha`` compares with the
 thin parts are lost by the rule). Arms: the full model (default sampling, warp anchor on), the full
 model without the warp anchor (``no_anchor``: MVGenMaster's sampling), the model with its priors
 zeroed (every frame; cameras kept), the warp alone (warped RGB, holes filled with the background),
-the truth, and, with one reference, the full model on the estimated depth.
+the truth, and, with one reference, the full model on the estimated depth. When the model's warp is
+the denser one (``warp_supersample``, ``warp_depth_tolerance``), ``warp_only_plain`` is the warp alone
+as MVGenMaster splats (a point per pixel, nearest wins); warp arms also report ``coverage``, the share
+of the true object's pixels the warp reaches. ``--warp_only``: the warp arms alone (no sampling).
 ``--long``: frames in one pass through the CLI (2 references + targets from a
 ``--target_cameras`` file, ground truth rendered by ``procedural render --cameras``): seconds, peak
 memory, PSNR. ``--mesh``: two posed photos -> 28 views (the CLI's default orbit) -> mesh
@@ -23,6 +26,7 @@ memory, PSNR. ``--mesh``: two posed photos -> 28 views (the CLI's default orbit)
 ``orbit.png`` (references | generated orbit | ground truth); prints the JSON summary.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +47,7 @@ from threestudio_mv.eval.reconstruction import fit_and_score
 from threestudio_mv.models.depth_estimator import DepthEstimator
 from threestudio_mv.models.mvdiffusion.novel_views import (
     WARPED,
+    NovelViewMetadata,
     NovelViewModel,
     drop_conditions,
     frame_conditions,
@@ -89,11 +94,11 @@ def evaluate_references(model: NovelViewModel, depth_model: DepthEstimator, capt
     meta, r = model.metadata, references
     samples = make_samples(captions, r, args.targets, meta.image_size, args.seed)
 
-    def conditions(depth_of: str) -> Tensor:
+    def conditions(depth_of: str, metadata: NovelViewMetadata = meta) -> Tensor:
         parts = []
         for s in samples:
             depth = s["depth"][:r] if depth_of == "true" else depth_model.estimate(s["rgb"][:r], s["fovy"][:r], s["alpha"][:r])
-            parts.append(frame_conditions(s["rgb"][:r], depth, s["c2w"][:r], s["fovy"][:r], s["c2w"][r:], s["fovy"][r:], meta))
+            parts.append(frame_conditions(s["rgb"][:r], depth, s["c2w"][:r], s["fovy"][:r], s["c2w"][r:], s["fovy"][r:], metadata))
         return torch.cat(parts)
 
     condition = conditions("true")
@@ -108,13 +113,22 @@ def evaluate_references(model: NovelViewModel, depth_model: DepthEstimator, capt
                              progress=True, num_samples=len(samples), warp_anchor_start=warp_anchor_start)
         return out[targets]
 
-    images = {"full": run(condition), "no_anchor": run(condition, warp_anchor_start=1.0),
-              "priors_zeroed": run(drop_conditions(condition, priors=True)),
-              "warp_only": warp_only(condition, meta.background)[targets]}
+    plain = dataclasses.replace(meta, warp_supersample=1, warp_depth_tolerance=0.0)
+    warps = {"warp_only": condition}
+    if plain != meta:  # the model's denser warp against MVGenMaster's (one point per pixel, hard z-buffer)
+        warps["warp_only_plain"] = conditions("true", plain)
+    images = {name: warp_only(cond, meta.background)[targets] for name, cond in warps.items()}
+    if not args.warp_only:
+        images = {"full": run(condition), "no_anchor": run(condition, warp_anchor_start=1.0),
+                  "priors_zeroed": run(drop_conditions(condition, priors=True)), **images}
     result: Dict[str, Any] = {name: score(image, gt, gt_alpha) for name, image in images.items()}
+    gt_foreground = gt_alpha > 0.5
+    for name, cond in warps.items():  # the share of the true object's pixels the warp covers
+        covered = (cond[targets, WARPED.stop - 1] > 0.5) & gt_foreground
+        result[name]["coverage"] = float(covered.sum() / gt_foreground.sum().clamp_min(1))
     truth = score(gt, gt, gt_alpha)  # the silhouettes' ceiling (the other metrics are exact: inf PSNR)
     result["truth"] = {key: truth[key] for key in ("silhouette_iou", "silhouette_iou_alpha")}
-    if r == 1:
+    if r == 1 and not args.warp_only:
         estimated = conditions("estimated")
         result["full_estimated_depth"] = score(run(estimated), gt, gt_alpha)
         result["no_anchor_estimated_depth"] = score(run(estimated, warp_anchor_start=1.0), gt, gt_alpha)
@@ -254,6 +268,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--depth_model", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warp_only", action="store_true", help="only the warp arms (no sampling): the model's warp vs the plain one")
     args = parser.parse_args(argv)
     if args.assets < 1 or args.targets < 1 or any(r < 1 for r in args.references) or any(n < 3 for n in args.long):
         raise UserError("--assets, --targets and --references must be >= 1, --long frames >= 3")
@@ -271,13 +286,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         evaluated = evaluate_references(model, depth_model, captions, r, args)
         results["by_references"][str(r)] = evaluated["metrics"]
         save_json(out / "results.json", results)
-        if r == 2 or len(args.references) == 1:
+        if not args.warp_only and (r == 2 or len(args.references) == 1):
             blank = [torch.ones(3, *evaluated["gt"].shape[-2:])] * r
             for i in range(min(4, len(captions))):
                 sheet_rows += [list(evaluated["refs"][i]) + list(evaluated["images"]["full"][i]), blank + list(evaluated["gt"][i]),
                                blank + list(evaluated["images"]["warp_only"][i])]
     if sheet_rows:
         save_image(out / "sheet.png", image_grid([[im.permute(1, 2, 0) for im in row] for row in sheet_rows], pad=2, pad_value=0.75))
+    if args.warp_only:
+        print(json.dumps(results["by_references"], indent=2))
+        return
     long_caption = held_out[order[-1]]
     results["one_pass"] = [long_pass(frames, long_caption, out, args) for frames in sorted(args.long)]
     save_json(out / "results.json", results)
