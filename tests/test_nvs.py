@@ -78,7 +78,6 @@ def test_splat_keeps_the_nearest_point_across_sources():
     assert out["depth"].max() == pytest.approx(2.5, abs=1e-3)
 
 
-
 def test_soft_z_buffer_averages_one_surface_and_keeps_occluded_points_out():
     camera = look_at_c2w(torch.tensor([[0.0, 0.0, 3.0]]) + torch.tensor([[1e-3, 0.0, 0.0]]))
     points = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.02], [0.0, 0.0, -1.0]])  # one pixel: a surface, a hidden point
