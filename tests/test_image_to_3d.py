@@ -243,3 +243,37 @@ def test_views_cache_follows_the_model_folder_settings(tmp_path: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps({"metadata": {"guidance_scale": 4.0}}))
     assert default_views_dir([image], cfg) != before  # new default sampling: not the old views
     assert default_views_dir([image], ImageViewsConfig(image_path=str(image), model=str(folder), seed=1)) != default_views_dir([image], cfg)
+
+
+def test_match_palette_snaps_straight_colours_and_keeps_coverage() -> None:
+    from threestudio_mv.data.foreground import colour_palette, match_palette
+
+    red, blue = torch.tensor([0.9, 0.1, 0.1]), torch.tensor([0.1, 0.2, 0.8])
+    straight = torch.stack([red, blue]).view(1, 2, 3).expand(4, 2, 3).permute(2, 0, 1)[None]  # 1 x 3 x 4 x 2: red | blue
+    palette = colour_palette(straight, torch.ones(1, 1, 4, 2))
+    assert palette.shape == (2, 3) and torch.allclose(palette.sort(dim=0).values, torch.stack([red, blue]).sort(dim=0).values, atol=1 / 63)
+    alpha = torch.full((1, 1, 2, 2), 0.6)
+    alpha[..., 1, 1] = 0.0
+    pinkish = torch.tensor([0.8, 0.3, 0.25]).view(1, 3, 1, 1) * alpha + (1.0 - alpha)  # composited over white
+    matched = match_palette(pinkish, alpha, palette, (1.0, 1.0, 1.0))
+    expected = palette[palette[:, 0].argmax()].view(1, 3, 1, 1) * 0.6 + 0.4  # the red, at the same coverage
+    assert torch.allclose(matched[..., 0, 0], expected[..., 0, 0], atol=1e-6)
+    assert torch.equal(matched[..., 1, 1], pinkish[..., 1, 1])  # uncovered: as given
+    assert torch.equal(match_palette(pinkish, alpha, palette[:0], (1.0, 1.0, 1.0)), pinkish)  # no palette: as given
+
+
+def test_generated_views_take_the_inputs_colours_when_matching() -> None:
+    from threestudio_mv.models.mvdiffusion.image_to_views import generate_views
+
+    model = tiny_model()
+    colour = torch.tensor([0.2, 0.6, 0.3])
+    inputs = torch.zeros(1, SIZE, SIZE, 4)
+    inputs[0, 4:12, 4:12] = torch.cat([colour, torch.ones(1)])  # premultiplied, alpha 1: one colour
+    raw = generate_views(model, inputs, match_colours=False)
+    matched = generate_views(model, inputs, match_colours=True)
+    covered = matched[:, 3] > 0.5
+    assert covered.sum() > 0 and torch.equal(matched[:, 3], raw[:, 3])  # the same sample: only colours change
+    straight = matched[:, :3].permute(0, 2, 3, 1)[covered]
+    alpha = matched[:, 3][covered][:, None]
+    assert torch.allclose((straight - (1.0 - alpha)) / alpha, colour.expand_as(straight), atol=1.5 / 63)
+    assert not torch.allclose(raw[:, :3], matched[:, :3])

@@ -12,9 +12,10 @@ from threestudio_mv.models.depth_estimator import DepthEstimator, DepthMetadata,
 from threestudio_mv.models.mvdiffusion import novel_views as nv
 from threestudio_mv.models.mvdiffusion.sampler import noise_targets, target_loss, training_target
 from threestudio_mv import nvs
-from threestudio_mv.utils.camera import look_at_c2w, orbit_trajectory, plucker_rays, project_points, relative_cameras
+from threestudio_mv.data.foreground import uncomposite
+from threestudio_mv.utils.camera import CameraLight, c2w_from_spherical, camera_ray_directions, distance_for_fovy, look_at_c2w, orbit_trajectory, plucker_rays, project_points, relative_cameras
 from threestudio_mv.utils.io import load_image
-from threestudio_mv.utils.warp import backproject, splat, warp_references
+from threestudio_mv.utils.warp import backproject, depth_normals, splat, warp_references
 
 CAPTION = "a red mushroom with a white stem"
 
@@ -102,6 +103,51 @@ def test_supersampled_warp_fills_the_holes_of_a_slanted_view(views):
     assert torch.allclose(own["values"][0][:, seen], views["rgb"][0][:, seen], atol=1e-5)  # own camera: still the render
 
 
+def test_uncomposite_recovers_the_straight_colour():
+    colour, alpha = torch.rand(2, 3, 5, 5), 0.1 + 0.9 * torch.rand(2, 1, 5, 5)
+    over_white = colour * alpha + (1.0 - alpha)
+    assert torch.allclose(uncomposite(over_white, alpha, (1.0, 1.0, 1.0)), colour, atol=1e-5)
+    assert torch.equal(uncomposite(over_white, torch.zeros_like(alpha), (1.0, 1.0, 1.0)), over_white)  # no coverage: as given
+
+
+def test_depth_normals_of_a_tilted_plane():
+    c2w, fovy, size = look_at_c2w(torch.tensor([[2.0, 1.0, 1.5]])), torch.tensor([40.0]), 16
+    rays = torch.einsum("ij,hwj->hwi", c2w[0, :3, :3], camera_ray_directions(size, size, fovy)[0])
+    depth = (-c2w[0, 2, 3] / rays[..., 2])[None]  # z-depth where each ray meets the plane z = 0
+    normals = depth_normals(depth, c2w, fovy)
+    assert torch.allclose(normals[0], torch.tensor([0.0, 0.0, 1.0]).expand(size, size, 3), atol=1e-4)  # up, towards the camera
+    depth[0, :, size // 2 :] = 0.0  # no depth: no normal
+    assert depth_normals(depth, c2w, fovy)[0, :, size // 2 :].abs().max() == 0.0
+
+
+def test_back_faces_are_culled_from_the_cameras_behind_them():
+    above = look_at_c2w(torch.tensor([[0.3, 0.2, 2.0]]))
+    fovy, size = torch.tensor([30.0]), 16
+    rays = torch.einsum("ij,hwj->hwi", above[0, :3, :3], camera_ray_directions(size, size, fovy)[0])
+    depth = (-above[0, 2, 3] / rays[..., 2])[None]  # the plane z = 0 seen from above: its normal is +z
+    cameras = look_at_c2w(torch.tensor([[-0.4, 0.3, 2.5], [0.4, -0.3, -2.5]]))  # another above, one below
+    args = (torch.ones(1, 3, size, size), depth, above, fovy, cameras, fovy.expand(2), size)
+    plain, culled = warp_references(*args), warp_references(*args, cull_back_faces=True)
+    assert plain["valid"][1].sum() > 50 and culled["valid"][1].sum() == 0  # from below the plane shows its back
+    assert torch.equal(culled["valid"][0], plain["valid"][0])  # from above: all of it
+
+
+def test_relit_warp_reshades_for_the_target_camera():
+    fovy = torch.full((3,), 40.0)
+    c2w = c2w_from_spherical(torch.tensor([15.0, 15.0, 35.0]), torch.tensor([0.0, 50.0, -40.0]), distance_for_fovy(torch.full((3,), 0.9), fovy))
+    views, light = nv.render_with_depth(CAPTION, c2w, fovy, 32), CameraLight()
+    colour, culled = uncomposite(views["rgb"][:1], views["alpha"][:1, None], (1.0, 1.0, 1.0)), {"cull_back_faces": True}
+    own = nv.relit_warp(colour, views["depth"][:1], c2w[:1], fovy[:1], c2w[:1], fovy[:1], 32, light, culled)
+    seen = views["depth"][0] > 0
+    assert torch.allclose(own["values"][0][:, seen], colour[0][:, seen], atol=1e-5)  # its own camera: unchanged
+    relit = nv.relit_warp(colour, views["depth"][:1], c2w[:1], fovy[:1], c2w[1:], fovy[1:], 32, light, culled)
+    copied = warp_references(colour, views["depth"][:1], c2w[:1], fovy[:1], c2w[1:], fovy[1:], 32, **culled)
+    interior = (relit["valid"][:, 0] > 0.5) & (views["alpha"][1:] > 0.99)
+    assert interior.sum() > 100
+    error = lambda out: (out["values"] - views["rgb"][1:]).abs().amax(dim=1)[interior].median()  # noqa: E731
+    assert error(relit) < 0.5 * error(copied)  # the camera-fixed light turned: copied shading is off, re-shaded is not
+
+
 # ------------------------------------------------------------------------------------------- cameras
 def test_plucker_rays_of_a_known_camera():
     c2w = torch.eye(4)[None].clone()
@@ -176,12 +222,20 @@ def test_warp_anchor_sets_warped_pixels_from_its_start_step(model_dir, views):
     first, second = anchor(x0), anchor(x0)
     assert torch.allclose(first, torch.ones_like(first))  # step 0: the background anchor only (border -> white)
     warped = cond[:, nv.WARPED.start : nv.WARPED.start + 3]
-    assert torch.equal(second.permute(0, 2, 3, 1)[valid], warped.permute(0, 2, 3, 1)[valid])
+    interior = valid & (-torch.nn.functional.max_pool2d(-valid[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0.5)
+    fringe = valid & ~interior
+    assert interior[2:].sum() > 20 and fringe[2:].sum() > 20
+    assert torch.equal(second.permute(0, 2, 3, 1)[interior], warped.permute(0, 2, 3, 1)[interior])
     assert torch.allclose(second.permute(0, 2, 3, 1)[~valid], torch.ones(int((~valid).sum()), 3))
+    # the fringe: x0 projected onto the segment from the background (1) to the warped colour
+    away, got = (warped - 1.0).permute(0, 2, 3, 1)[fringe], (second - 1.0).permute(0, 2, 3, 1)[fringe]
+    share = (got * away).sum(-1) / (away * away).sum(-1).clamp_min(1e-4)
+    assert share.min() >= 0.0 and share.max() <= 1.0 + 1e-5
+    assert torch.allclose(got, share[:, None] * away, atol=1e-5)
     refs = views["rgb"][:2]
     anchored = nv.generate_views(model, cond, refs, 1.0, 4, generator=torch.Generator().manual_seed(0), warp_anchor_start=0.5)
     plain = nv.generate_views(model, cond, refs, 1.0, 4, generator=torch.Generator().manual_seed(0), warp_anchor_start=1.0)
-    target_valid = valid[2:]
+    target_valid = interior[2:]
     expected = ((warped[2:] + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)[target_valid]
     error = lambda out: (out[2:].permute(0, 2, 3, 1)[target_valid] - expected).abs().mean()  # noqa: E731
     assert error(anchored) < 0.02 < error(plain)
@@ -231,10 +285,12 @@ def test_train_checkpoints_and_resumes(tmp_path, capsys):
     assert len((tmp_path / "run" / "log.csv").read_text().splitlines()) == 2
     assert nv.NovelViewModel.from_pretrained(tmp_path / "run" / "model").metadata.training_command == "test"
     continued = nv.train(nv.TrainConfig(out=tmp_path / "more", steps=1, samples_per_step=1, frames=4, ckpt_every=1, command="more",
-                                        init=tmp_path / "run" / "model", warp_supersample=2, warp_depth_tolerance=0.05))
+                                        init=tmp_path / "run" / "model", warp_supersample=2, warp_depth_tolerance=0.05,
+                                        warp_straight_colour=True, warp_relight=True))
     meta = nv.NovelViewModel.from_pretrained(continued).metadata
     assert meta.training_command == "test && more"
     assert (meta.warp_supersample, meta.warp_depth_tolerance) == (2, 0.05)  # the continued model's splatting
+    assert meta.warp_straight_colour and meta.warp_relight
     assert nv.NovelViewModel.from_pretrained(tmp_path / "run" / "model").metadata.warp_supersample == 1
 
 
@@ -268,6 +324,7 @@ def test_cli_writes_views_and_target_cameras_in_order(model_dir, posed_folder, t
     given = load_image(posed_folder / "rgb_000.png")
     assert np.allclose(reference[..., 3], given[..., 3], atol=1 / 255 + 1e-6)
     assert meta["generator"]["depth"] == "given"
+    assert nvs.load_references(str(posed_folder), 32, {})["light"] == CameraLight()  # the renders' light, for the relit warp
     targets = tmp_path / "targets.json"
     c2w = look_at_c2w(torch.tensor([[2.5, 0.0, 0.8], [0.0, -2.5, 0.3], [-1.0, 2.0, 1.5]]))
     targets.write_text(json.dumps({"camera_angle_x": math.radians(40.0), "frames": [{"transform_matrix": m.tolist()} for m in c2w]}))
@@ -327,11 +384,12 @@ def test_bad_input_is_one_line_exit_2(case, message, model_dir, posed_folder, tm
 def test_eval_warp_only_compares_the_dense_warp_with_the_plain_one(tmp_path, capsys):
     from threestudio_mv.eval import nvs as eval_nvs
 
-    meta = nv.NovelViewMetadata(warp_supersample=2, warp_depth_tolerance=0.05)
+    meta = nv.NovelViewMetadata(warp_supersample=2, warp_depth_tolerance=0.05, warp_straight_colour=True, warp_relight=True)
     folder = nv.NovelViewModel.create(meta).save_pretrained(tmp_path / "model")
     eval_nvs.main(["--out", str(tmp_path / "eval"), "--assets", "2", "--targets", "3", "--references", "2",
                    "--model", str(folder), "--warp_only"])
     arms = json.loads((tmp_path / "eval" / "results.json").read_text())["by_references"]["2"]
     assert set(arms) == {"warp_only", "warp_only_plain", "truth"}  # no sampled arm
     assert 0.5 < arms["warp_only_plain"]["coverage"] < arms["warp_only"]["coverage"] <= 1.0
+    assert arms["warp_only"]["delta_e_overlap"] < arms["warp_only_plain"]["delta_e_overlap"] - 1.0  # straight colour, re-shaded
     assert '"warp_only_plain"' in capsys.readouterr().out

@@ -31,6 +31,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     parser.add_argument("--mask-threshold", type=float, default=0.1, help="RGB inputs: foreground = differs from the border colour by more")
     parser.add_argument("--no-global-attention", action="store_true", help="per-view attention only (ablation: the views ignore the inputs)")
+    parser.add_argument("--colour-match", action=argparse.BooleanOptionalAction, default=None,
+                        help="snap the views' colours to the inputs' (default: the model's setting)")
     return parser.parse_args(argv)
 
 
@@ -50,7 +52,7 @@ def generate(args: argparse.Namespace) -> Path:
     model = ImageToViewsModel.from_pretrained(args.model)
     meta = model.metadata
     inputs = torch.stack([load_object_image(p, meta.image_size, meta.object_fraction, args.mask_threshold) for p in paths])
-    views = generate_views(model, inputs, args.seed, not args.no_global_attention,
+    views = generate_views(model, inputs, args.seed, not args.no_global_attention, args.colour_match,
                            num_inference_steps=args.steps, guidance_scale=args.guidance, progress=True)
     return write_views(out, views, inputs, meta)
 

@@ -60,7 +60,7 @@ def load_references(input_path: str, size: int, default_camera: Dict[str, float]
                     estimate_depth: bool = False) -> Dict[str, Any]:
     """The references of ``--input_path`` at ``size`` px: ``rgb`` (R, 3, S, S) in [0, 1] over white,
     ``alpha`` (R, S, S), ``depth`` (R, S, S) z-depth (0 off the object), ``c2w`` (R, 4, 4), ``fovy`` (R,),
-    ``depth_source`` ("given" or "estimated"). ``estimate_depth`` ignores depth files. UserErrors
+    ``depth_source`` ("given" or "estimated"), ``light`` (the light ``transforms.json`` records, else None). ``estimate_depth`` ignores depth files. UserErrors
     name bad input: a missing path or transforms.json, 0 references, non-rigid cameras, missing images."""
     from threestudio_mv.data.foreground import frame_image, read_rgba
     from threestudio_mv.data.posed_images import TRANSFORMS_NAME, load_posed_images
@@ -74,7 +74,7 @@ def load_references(input_path: str, size: int, default_camera: Dict[str, float]
         fovy = torch.tensor([default_camera["fovy"]])
         distance = distance_for_fovy(torch.tensor([default_camera["relative_distance"]]), fovy)
         c2w = c2w_from_spherical(torch.tensor([default_camera["elevation"]]), torch.zeros(1), distance)
-        return {"rgb": rgb, "alpha": alpha, "c2w": c2w, "fovy": fovy,
+        return {"rgb": rgb, "alpha": alpha, "c2w": c2w, "fovy": fovy, "light": None,
                 "depth": _estimate_depth(rgb, alpha, fovy, depth_model), "depth_source": "estimated"}
     if not path.is_dir():
         raise UserError(f"--input_path '{input_path}' does not exist")
@@ -109,7 +109,7 @@ def load_references(input_path: str, size: int, default_camera: Dict[str, float]
         source = "given"
     else:
         depth, source = _estimate_depth(rgb, alpha, fovy, depth_model), "estimated"
-    return {"rgb": rgb, "alpha": alpha, "c2w": views.c2w, "fovy": fovy, "depth": depth, "depth_source": source}
+    return {"rgb": rgb, "alpha": alpha, "c2w": views.c2w, "fovy": fovy, "depth": depth, "depth_source": source, "light": views.light}
 
 
 def foreground_alpha(images: Tensor) -> Tensor:
@@ -185,11 +185,13 @@ def run(args: argparse.Namespace) -> Dict[str, Path]:
         target_fovy = refs["fovy"][:1].expand(target_c2w.shape[0])
     frames = count + target_c2w.shape[0]
     key_rescale = args.key_rescale if frames >= meta.key_rescale_min_frames else 1.0
-    condition = frame_conditions(refs["rgb"], refs["depth"], refs["c2w"], refs["fovy"], target_c2w, target_fovy, meta)
+    cameras = (refs["rgb"], refs["depth"], refs["c2w"], refs["fovy"], target_c2w, target_fovy, meta, refs["alpha"], refs["light"])
+    condition = frame_conditions(*cameras)
+    anchor = frame_conditions(*cameras, cull_back_faces=True) if meta.anchor_cull_back_faces else None
     start = time.time()
     images = generate_views(model, condition, refs["rgb"], args.val_cfg, args.steps, key_rescale,
                             torch.Generator().manual_seed(args.seed), progress=True,
-                            warp_anchor_start=1.0 if args.no_warp_anchor else None)
+                            warp_anchor_start=1.0 if args.no_warp_anchor else None, anchor_condition=anchor)
     extra = {"generator": {"input_path": str(args.input_path), "references": count, "frames_in_one_pass": frames,
                            "key_rescale": key_rescale, "val_cfg": args.val_cfg,
                            "warp_anchor": not args.no_warp_anchor, "depth": refs["depth_source"],

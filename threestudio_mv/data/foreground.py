@@ -21,6 +21,39 @@ BORDER_WIDTH = 2  # pixels of the image border that estimate a plain background
 PLAIN_BORDER_FRACTION = 0.9  # this share of border pixels must match the background colour
 
 
+def uncomposite(rgb: Tensor, alpha: Tensor, background: Sequence[float]) -> Tensor:
+    """Colours (N, 3, H, W) composited over ``background`` with coverage ``alpha`` (N, 1, H, W) -> the
+    straight (un-composited) colour where alpha > 1/255, clamped to [0, 1]; the input elsewhere. An
+    anti-aliased edge pixel then carries the object's colour, not its mix with the background."""
+    back = torch.tensor(background, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    straight = ((rgb - back * (1.0 - alpha)) / alpha.clamp_min(1e-3)).clamp(0.0, 1.0)
+    return torch.where(alpha > 1.0 / 255.0, straight, rgb)
+
+
+def colour_palette(straight: Tensor, alpha: Tensor, min_alpha: float = 0.9, levels: int = 64) -> Tensor:
+    """The distinct colours (K, 3) of the pixels of ``straight`` (N, 3, H, W) (un-composited colours)
+    that ``alpha`` (N, 1, H, W) covers at least ``min_alpha``, quantised to ``levels`` per channel
+    (a few hundred colours for an object image, so that matching against them stays cheap)."""
+    pixels = straight.permute(0, 2, 3, 1)[alpha[:, 0] >= min_alpha].clamp(0.0, 1.0)
+    return torch.unique((pixels * (levels - 1)).round(), dim=0) / (levels - 1)
+
+
+def match_palette(rgb: Tensor, alpha: Tensor, palette: Tensor, background: Sequence[float]) -> Tensor:
+    """Colours (N, 3, H, W) composited over ``background`` with coverage ``alpha`` (N, 1, H, W): each
+    covered pixel's straight colour becomes its nearest ``palette`` colour (K, 3) (RGB distance), then
+    is composited again at its coverage; uncovered pixels and an empty palette leave ``rgb`` as is."""
+    covered = alpha[:, 0] > 1.0 / 255.0
+    if palette.numel() == 0 or not bool(covered.any()):
+        return rgb
+    straight = uncomposite(rgb, alpha, background).permute(0, 2, 3, 1)
+    pixels = straight[covered]
+    nearest = torch.cat([palette[torch.cdist(chunk, palette.to(chunk)).argmin(dim=1)] for chunk in pixels.split(4096)])
+    straight = straight.clone()
+    straight[covered] = nearest.to(straight)
+    back = torch.tensor(background, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    return torch.where(covered[:, None], straight.permute(0, 3, 1, 2) * alpha + back * (1.0 - alpha), rgb)
+
+
 def border_pixels(rgb: np.ndarray, width: int = BORDER_WIDTH) -> np.ndarray:
     """The pixels (K, 3) of an (H, W, 3) image's outer ``width``-pixel ring."""
     mask = np.zeros(rgb.shape[:2], dtype=bool)

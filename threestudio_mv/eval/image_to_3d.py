@@ -14,6 +14,8 @@ as RGBA PNGs. For each input count K:
   both call foreground); its mesh, turned from the input's frame into the world by the first input's
   true azimuth, against the true shape (volumetric IoU, Chamfer-L1, surface colour delta-E).
 - **no global attention** (K = 1 only): the same model with per-view attention; views scored alike.
+- **no colour match** (K = 1 only, when the model matches its views to the inputs' colours): the
+  model's own colours; views scored alike.
 - **posed inputs** (the ``--baseline-inputs`` counts): ``configs/reconstruction.yaml`` fitted to the
   K inputs alone at their TRUE cameras (which this method never gets), with the same fitting settings
   (steps, rays, size); mesh scored alike.
@@ -138,6 +140,10 @@ def evaluate_subject(
     rows.append({"subject": subject.name, "kind": kind, "method": "no global attention", "inputs": 1,
                  **{f"views_{k}": v for k, v in rgba_view_scores(ablated, truth, meta.background).items()}})
     sheet.append([torch.ones_like(over(first[0]))] * 4 + [v[:3].permute(1, 2, 0) for v in ablated[: meta.target_azimuths]])
+    if meta.match_input_colours:  # the model's own colours: the views before they are matched to the input's palette
+        unmatched = generate_views(model, first, args.seed, match_colours=False)
+        rows.append({"subject": subject.name, "kind": kind, "method": "no colour match", "inputs": 1,
+                     **{f"views_{k}": v for k, v in rgba_view_scores(unmatched, truth, meta.background).items()}})
     return {"rows": rows, "sheet": sheet}
 
 

@@ -56,6 +56,7 @@ from threestudio_mv.models.mvdiffusion.novel_views import (
     render_with_depth,
 )
 from threestudio_mv.nvs import foreground_alpha
+from threestudio_mv.utils.camera import CameraLight
 from threestudio_mv.utils.errors import UserError, exit_on_user_error
 from threestudio_mv.utils.io import image_grid, load_image, save_image, save_json
 from threestudio_mv.utils.trial import slug
@@ -94,11 +95,12 @@ def evaluate_references(model: NovelViewModel, depth_model: DepthEstimator, capt
     meta, r = model.metadata, references
     samples = make_samples(captions, r, args.targets, meta.image_size, args.seed)
 
-    def conditions(depth_of: str, metadata: NovelViewMetadata = meta) -> Tensor:
+    def conditions(depth_of: str, metadata: NovelViewMetadata = meta, cull_back_faces: bool = False) -> Tensor:
         parts = []
         for s in samples:
             depth = s["depth"][:r] if depth_of == "true" else depth_model.estimate(s["rgb"][:r], s["fovy"][:r], s["alpha"][:r])
-            parts.append(frame_conditions(s["rgb"][:r], depth, s["c2w"][:r], s["fovy"][:r], s["c2w"][r:], s["fovy"][r:], metadata))
+            parts.append(frame_conditions(s["rgb"][:r], depth, s["c2w"][:r], s["fovy"][:r], s["c2w"][r:], s["fovy"][r:], metadata,
+                                          s["alpha"][:r], CameraLight(), cull_back_faces))
         return torch.cat(parts)
 
     condition = conditions("true")
@@ -108,18 +110,21 @@ def evaluate_references(model: NovelViewModel, depth_model: DepthEstimator, capt
     frames = r + args.targets
     targets = torch.arange(condition.shape[0]) % frames >= r
 
-    def run(cond: Tensor, warp_anchor_start: Optional[float] = None) -> Tensor:
+    def anchor(depth_of: str) -> Optional[Tensor]:
+        return conditions(depth_of, cull_back_faces=True) if meta.anchor_cull_back_faces else None
+
+    def run(cond: Tensor, warp_anchor_start: Optional[float] = None, anchor_condition: Optional[Tensor] = None) -> Tensor:
         out = generate_views(model, cond, refs, args.val_cfg, args.steps, generator=torch.Generator().manual_seed(args.seed),
-                             progress=True, num_samples=len(samples), warp_anchor_start=warp_anchor_start)
+                             progress=True, num_samples=len(samples), warp_anchor_start=warp_anchor_start, anchor_condition=anchor_condition)
         return out[targets]
 
-    plain = dataclasses.replace(meta, warp_supersample=1, warp_depth_tolerance=0.0)
+    plain = dataclasses.replace(meta, warp_supersample=1, warp_depth_tolerance=0.0, warp_straight_colour=False, warp_relight=False)
     warps = {"warp_only": condition}
     if plain != meta:  # the model's denser warp against MVGenMaster's (one point per pixel, hard z-buffer)
         warps["warp_only_plain"] = conditions("true", plain)
     images = {name: warp_only(cond, meta.background)[targets] for name, cond in warps.items()}
     if not args.warp_only:
-        images = {"full": run(condition), "no_anchor": run(condition, warp_anchor_start=1.0),
+        images = {"full": run(condition, anchor_condition=anchor("true")), "no_anchor": run(condition, warp_anchor_start=1.0),
                   "priors_zeroed": run(drop_conditions(condition, priors=True)), **images}
     result: Dict[str, Any] = {name: score(image, gt, gt_alpha) for name, image in images.items()}
     gt_foreground = gt_alpha > 0.5
@@ -130,7 +135,7 @@ def evaluate_references(model: NovelViewModel, depth_model: DepthEstimator, capt
     result["truth"] = {key: truth[key] for key in ("silhouette_iou", "silhouette_iou_alpha")}
     if r == 1 and not args.warp_only:
         estimated = conditions("estimated")
-        result["full_estimated_depth"] = score(run(estimated), gt, gt_alpha)
+        result["full_estimated_depth"] = score(run(estimated, anchor_condition=anchor("estimated")), gt, gt_alpha)
         result["no_anchor_estimated_depth"] = score(run(estimated, warp_anchor_start=1.0), gt, gt_alpha)
         rel = []
         for s in samples:

@@ -42,7 +42,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from threestudio_mv.data.foreground import frame_image
+from threestudio_mv.data.foreground import colour_palette, frame_image, match_palette, uncomposite
 from threestudio_mv.data.procedural.captions import parse_caption, vocabulary
 from threestudio_mv.data.procedural.dataset import BACKGROUND, ELEVATION_RANGE, FOVY_RANGE, RELATIVE_DISTANCE_RANGE
 from threestudio_mv.data.procedural.render import render_views
@@ -83,6 +83,7 @@ class ImageToViewsMetadata:
     guidance_scale: float = 2.0
     num_inference_steps: int = 25
     eta: float = 1.0  # stochastic DDIM: deterministic (0) leaves speckle with this tiny model (docs/image-to-3d.md)
+    match_input_colours: bool = False  # generated colours snapped to the inputs' palette (generate_views)
     init_mean: Optional[List[float]] = None  # per-channel mean of the targets in [-1, 1] (sampler start)
     stages: List[Dict[str, Any]] = dataclasses.field(default_factory=list)  # per stage: steps, loss, quality
     training_command: str = ""
@@ -239,28 +240,35 @@ def sample_views(
 
 
 def generate_views(
-    model: ImageToViewsModel, inputs: Tensor, seed: int = 0, global_attention: bool = True, **kwargs: Any
+    model: ImageToViewsModel, inputs: Tensor, seed: int = 0, global_attention: bool = True,
+    match_colours: Optional[bool] = None, **kwargs: Any
 ) -> Tensor:
     """16 views (16, 4, S, S) RGBA in [0, 1] from input images ``inputs`` (K, S, S, 4) premultiplied
     (as :func:`~threestudio_mv.data.foreground.load_object_image` gives them). ``global_attention=False``
-    is the ablation. ``kwargs`` go to :func:`sample_views`."""
+    is the ablation. ``match_colours`` (default: the model's ``match_input_colours``): every generated
+    pixel's colour becomes the nearest colour the inputs show (:func:`match_palette`); not in
+    MVDiffusion++: the tiny model's views carry speckle and casts of colours the object does not
+    have (docs/image-to-3d.md). ``kwargs`` go to :func:`sample_views`."""
     meta = model.metadata
     if not 1 <= inputs.shape[0] <= meta.max_inputs:
         raise UserError(f"{inputs.shape[0]} input images given; this model takes 1 to {meta.max_inputs}")
     model.set_global_attention(global_attention)
     try:
-        return sample_views(model, to_model_space(inputs, meta.background), torch.Generator().manual_seed(seed), **kwargs)
+        views = sample_views(model, to_model_space(inputs, meta.background), torch.Generator().manual_seed(seed), **kwargs)
     finally:
         model.set_global_attention(True)
+    if meta.match_input_colours if match_colours is None else match_colours:
+        alpha = inputs[..., 3:].permute(0, 3, 1, 2)
+        palette = colour_palette(inputs[..., :3].permute(0, 3, 1, 2) / alpha.clamp_min(1e-3), alpha)
+        views[:, :3] = match_palette(views[:, :3], views[:, 3:], palette, meta.background)
+    return views
 
 
 def straight_rgba(views: Tensor, background: Sequence[float]) -> Tensor:
     """Model views (N, 4, H, W) (RGB over ``background``, alpha) -> straight-alpha RGBA (N, H, W, 4),
     the colour un-composited where alpha > 0 (what a PNG with alpha holds)."""
-    rgb, alpha = views[:, :3], views[:, 3:]
-    back = torch.tensor(background, dtype=views.dtype).view(1, 3, 1, 1)
-    straight = ((rgb - back * (1.0 - alpha)) / alpha.clamp_min(1e-3)).clamp(0.0, 1.0)
-    return torch.cat([torch.where(alpha > 1.0 / 255.0, straight, rgb), alpha], dim=1).permute(0, 2, 3, 1)
+    alpha = views[:, 3:]
+    return torch.cat([uncomposite(views[:, :3], alpha, background), alpha], dim=1).permute(0, 2, 3, 1)
 
 
 def write_views(out: Path, views: Tensor, inputs: Tensor, meta: ImageToViewsMetadata) -> Path:
