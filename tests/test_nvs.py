@@ -241,6 +241,30 @@ def test_warp_anchor_sets_warped_pixels_from_its_start_step(model_dir, views):
     assert error(anchored) < 0.02 < error(plain)
 
 
+def test_palette_matching_leaves_anchored_pixels_and_blends_the_edge(model_dir, views):
+    from threestudio_mv.data.foreground import match_palette_by_mask
+
+    red = torch.tensor([[0.9, 0.1, 0.1]])
+    image = torch.ones(1, 3, 7, 7)
+    image[..., 1:6, 1:6] = torch.tensor([0.8, 0.3, 0.25]).view(3, 1, 1)
+    image[..., 1, 1:6] = 0.5 * torch.tensor([0.8, 0.3, 0.25]).view(3, 1) + 0.5  # an edge row, half background
+    foreground = (image < 0.95).any(dim=1, keepdim=True)
+    matched = match_palette_by_mask(image, foreground, red, (1.0, 1.0, 1.0))
+    assert torch.allclose(matched[0, :, 3, 3], red[0])  # interior: the palette colour
+    edge = matched[0, :, 1, 3]
+    assert 0.3 < float((1.0 - edge[1]) / (1.0 - red[0, 1])) < 0.7 and torch.allclose(edge, 1.0 + (edge[1] - 1.0) / (red[0, 1] - 1.0) * (red[0] - 1.0), atol=1e-5)
+    assert torch.equal(matched[..., 0, :], image[..., 0, :])  # background row: as given
+    model = nv.NovelViewModel.from_pretrained(model_dir)
+    cond = nv.frame_conditions(views["rgb"][:2], views["depth"][:2], views["c2w"][:2], views["fovy"][:2], views["c2w"][2:], views["fovy"][2:], model.metadata)
+    args = (model, cond, views["rgb"][:2], 1.0, 4)
+    plain = nv.generate_views(*args, generator=torch.Generator().manual_seed(0), warp_anchor_start=0.5)
+    matched = nv.generate_views(*args, generator=torch.Generator().manual_seed(0), warp_anchor_start=0.5, palettes=[red])
+    anchored = cond[:, nv.WARPED.stop - 1 : nv.WARPED.stop].expand(-1, 3, -1, -1) > 0.5
+    assert torch.equal(matched[anchored], plain[anchored]) and torch.equal(matched[:2], plain[:2])  # anchored pixels, references
+    changed = (matched != plain).any(dim=1)
+    assert changed.sum() > 0 and not bool((changed & anchored[:, 0]).any())
+
+
 def test_fresh_prior_encoder_is_the_identity_and_folder_round_trips(model_dir, views, tmp_path):
     fresh = nv.NovelViewModel.create().eval()
     cond = nv.frame_conditions(views["rgb"][:1], views["depth"][:1], views["c2w"][:1], views["fovy"][:1], views["c2w"][1:], views["fovy"][1:], fresh.metadata)

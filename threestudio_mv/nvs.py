@@ -151,7 +151,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--target_cameras", default=None, help="transforms.json of the target cameras (replaces the trajectory)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_warp_anchor", action="store_true",
-                        help="sample as MVGenMaster: do not anchor the last steps to the warped reference pixels")
+                        help="sample as MVGenMaster: no anchor to the warped reference pixels, no matching to the references' colours")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     parser.add_argument("--model", default=None, help="novel-view model folder (default: the bundled nvs-tiny)")
     parser.add_argument("--depth_model", default=None, help="depth estimator folder (default: the bundled depth-tiny)")
@@ -159,7 +159,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Path]:
-    from threestudio_mv.models.mvdiffusion.novel_views import NovelViewModel, frame_conditions, generate_views
+    from threestudio_mv.models.mvdiffusion.novel_views import NovelViewModel, frame_conditions, generate_views, reference_palette
 
     out = Path(args.output_path).expanduser()
     if out.exists() and not out.is_dir():
@@ -188,10 +188,12 @@ def run(args: argparse.Namespace) -> Dict[str, Path]:
     cameras = (refs["rgb"], refs["depth"], refs["c2w"], refs["fovy"], target_c2w, target_fovy, meta, refs["alpha"], refs["light"])
     condition = frame_conditions(*cameras)
     anchor = frame_conditions(*cameras, cull_back_faces=True) if meta.anchor_cull_back_faces else None
+    palettes = [reference_palette(refs["rgb"], refs["alpha"], meta.background)] if meta.match_reference_colours else None
     start = time.time()
     images = generate_views(model, condition, refs["rgb"], args.val_cfg, args.steps, key_rescale,
                             torch.Generator().manual_seed(args.seed), progress=True,
-                            warp_anchor_start=1.0 if args.no_warp_anchor else None, anchor_condition=anchor)
+                            warp_anchor_start=1.0 if args.no_warp_anchor else None, anchor_condition=anchor,
+                            palettes=None if args.no_warp_anchor else palettes)
     extra = {"generator": {"input_path": str(args.input_path), "references": count, "frames_in_one_pass": frames,
                            "key_rescale": key_rescale, "val_cfg": args.val_cfg,
                            "warp_anchor": not args.no_warp_anchor, "depth": refs["depth_source"],

@@ -54,6 +54,30 @@ def match_palette(rgb: Tensor, alpha: Tensor, palette: Tensor, background: Seque
     return torch.where(covered[:, None], straight.permute(0, 3, 1, 2) * alpha + back * (1.0 - alpha), rgb)
 
 
+def match_palette_by_mask(rgb: Tensor, foreground: Tensor, palette: Tensor, background: Sequence[float]) -> Tensor:
+    """:func:`match_palette` for images whose coverage is unknown, only a ``foreground`` mask (N, 1, H,
+    W) bool: a pixel whose 8 neighbours are foreground too takes its nearest ``palette`` colour; a
+    foreground pixel on the object's edge, which may be partly background, takes the nearest blend of
+    a palette colour with the background (the nearest point on the segments from the background to
+    each palette colour). Other pixels and an empty palette leave ``rgb`` as is."""
+    if palette.numel() == 0 or not bool(foreground.any()):
+        return rgb
+    interior = -F.max_pool2d(-foreground.float(), 3, stride=1, padding=1) > 0.5
+    matched = match_palette(rgb, interior.to(rgb), palette, background)
+    edge = (foreground & ~interior)[:, 0]
+    pixels = rgb.permute(0, 2, 3, 1)[edge]
+    if pixels.numel():
+        back = torch.tensor(background, dtype=rgb.dtype, device=rgb.device)
+        away = palette.to(rgb) - back  # (K, 3)
+        cover = (((pixels[:, None] - back) * away).sum(-1) / (away * away).sum(-1).clamp_min(1e-6)).clamp(0.0, 1.0)  # (P, K)
+        blends = back + cover[..., None] * away  # (P, K, 3)
+        best = (blends - pixels[:, None]).norm(dim=-1).argmin(dim=1)
+        out = matched.permute(0, 2, 3, 1).clone()
+        out[edge] = blends[torch.arange(len(best)), best]
+        matched = out.permute(0, 3, 1, 2)
+    return matched
+
+
 def border_pixels(rgb: np.ndarray, width: int = BORDER_WIDTH) -> np.ndarray:
     """The pixels (K, 3) of an (H, W, 3) image's outer ``width``-pixel ring."""
     mask = np.zeros(rgb.shape[:2], dtype=bool)

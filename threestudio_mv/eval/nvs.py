@@ -53,6 +53,7 @@ from threestudio_mv.models.mvdiffusion.novel_views import (
     frame_conditions,
     generate_views,
     random_cameras,
+    reference_palette,
     render_with_depth,
 )
 from threestudio_mv.nvs import foreground_alpha
@@ -113,9 +114,13 @@ def evaluate_references(model: NovelViewModel, depth_model: DepthEstimator, capt
     def anchor(depth_of: str) -> Optional[Tensor]:
         return conditions(depth_of, cull_back_faces=True) if meta.anchor_cull_back_faces else None
 
-    def run(cond: Tensor, warp_anchor_start: Optional[float] = None, anchor_condition: Optional[Tensor] = None) -> Tensor:
+    palettes = [reference_palette(s["rgb"][:r], s["alpha"][:r], meta.background) for s in samples] if meta.match_reference_colours else None
+
+    def run(cond: Tensor, warp_anchor_start: Optional[float] = None, anchor_condition: Optional[Tensor] = None,
+            palette: bool = False) -> Tensor:
         out = generate_views(model, cond, refs, args.val_cfg, args.steps, generator=torch.Generator().manual_seed(args.seed),
-                             progress=True, num_samples=len(samples), warp_anchor_start=warp_anchor_start, anchor_condition=anchor_condition)
+                             progress=True, num_samples=len(samples), warp_anchor_start=warp_anchor_start, anchor_condition=anchor_condition,
+                             palettes=palettes if palette else None)
         return out[targets]
 
     plain = dataclasses.replace(meta, warp_supersample=1, warp_depth_tolerance=0.0, warp_straight_colour=False, warp_relight=False)
@@ -124,7 +129,7 @@ def evaluate_references(model: NovelViewModel, depth_model: DepthEstimator, capt
         warps["warp_only_plain"] = conditions("true", plain)
     images = {name: warp_only(cond, meta.background)[targets] for name, cond in warps.items()}
     if not args.warp_only:
-        images = {"full": run(condition, anchor_condition=anchor("true")), "no_anchor": run(condition, warp_anchor_start=1.0),
+        images = {"full": run(condition, anchor_condition=anchor("true"), palette=True), "no_anchor": run(condition, warp_anchor_start=1.0),
                   "priors_zeroed": run(drop_conditions(condition, priors=True)), **images}
     result: Dict[str, Any] = {name: score(image, gt, gt_alpha) for name, image in images.items()}
     gt_foreground = gt_alpha > 0.5
@@ -135,7 +140,7 @@ def evaluate_references(model: NovelViewModel, depth_model: DepthEstimator, capt
     result["truth"] = {key: truth[key] for key in ("silhouette_iou", "silhouette_iou_alpha")}
     if r == 1 and not args.warp_only:
         estimated = conditions("estimated")
-        result["full_estimated_depth"] = score(run(estimated, anchor_condition=anchor("estimated")), gt, gt_alpha)
+        result["full_estimated_depth"] = score(run(estimated, anchor_condition=anchor("estimated"), palette=True), gt, gt_alpha)
         result["no_anchor_estimated_depth"] = score(run(estimated, warp_anchor_start=1.0), gt, gt_alpha)
         rel = []
         for s in samples:

@@ -31,7 +31,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from threestudio_mv.data.foreground import uncomposite
+from threestudio_mv.data.foreground import colour_palette, match_palette_by_mask, uncomposite
 from threestudio_mv.data.procedural.captions import parse_caption, vocabulary
 from threestudio_mv.data.procedural.dataset import BACKGROUND, ELEVATION_RANGE, FOVY_RANGE, RELATIVE_DISTANCE_RANGE
 from threestudio_mv.data.procedural.render import render_views
@@ -90,6 +90,7 @@ class NovelViewMetadata:
     warp_relight: bool = False  # re-shade warped colours for each target when the references' light is known
     warp_anchor_start: float = 0.75  # fraction of the DDIM steps after which warped pixels anchor x0 (1: never)
     anchor_cull_back_faces: bool = False  # the anchor's warp drops points whose depth normal faces away from a target
+    match_reference_colours: bool = False  # pixels the anchor leaves take the references' nearest colours
     key_rescale_min_frames: int = 29  # the paper rescales reference keys when nframe > 28
     default_fovy: float = 40.0  # a single image without a camera is assumed seen like this
     default_elevation: float = 15.0
@@ -368,6 +369,8 @@ def drop_conditions(condition: Tensor, cameras: bool = False, priors: bool = Fal
 
 
 # ------------------------------------------------------------------------------------------- sampling
+FOREGROUND_THRESHOLD = 0.1  # a generated pixel is the object where a channel differs from the background by more
+
 class WarpAnchor:
     """The sampler's x0 transform: the background anchor at every step and, from step ``start_step``
     on, the depth warp's colours on the pixels it covers. Inside the warp (all 8 neighbours covered
@@ -415,6 +418,7 @@ def generate_views(
     num_samples: int = 1,
     warp_anchor_start: Optional[float] = None,
     anchor_condition: Optional[Tensor] = None,
+    palettes: Optional[Sequence[Tensor]] = None,
 ) -> Tensor:
     """All frames of B = ``num_samples`` samples in one pass: ``condition`` (B*F, C, S, S) from :func:`frame_conditions`
     (each sample's F frames contiguous, references first), ``references`` (B*R, 3, S, S) in [0, 1]
@@ -423,7 +427,10 @@ def generate_views(
     fraction of the steps after which warped pixels anchor x0 (:class:`WarpAnchor`; 1: never).
     ``anchor_condition``: the conditions whose warp anchors x0 (default ``condition``; with the model's
     ``anchor_cull_back_faces``, :func:`frame_conditions` with ``cull_back_faces=True``).
-    Returns (B*F, 3, S, S) in [0, 1]; the reference frames are the references, unchanged."""
+    ``palettes``: per sample, colours (K, 3) (:func:`reference_palette`) that the target pixels the
+    anchor did not set are matched to (``data.foreground.match_palette_by_mask``; the model's
+    ``match_reference_colours``). Returns (B*F, 3, S, S) in [0, 1]; the reference frames are the
+    references, unchanged."""
     meta = model.metadata
     scale = meta.guidance_scale if guidance_scale is None else guidance_scale
     steps = num_inference_steps or meta.num_inference_steps
@@ -444,15 +451,30 @@ def generate_views(
         cond_out, uncond_out = both.chunk(2)
         return uncond_out + scale * (cond_out - uncond_out)
 
+    anchor = WarpAnchor(condition if anchor_condition is None else anchor_condition, torch.tensor(meta.background) * 2.0 - 1.0,
+                        math.ceil(anchor_from * steps))
     sample = ddim_sample(
         predict, clean.shape, model.scheduler_config, steps, generator=generator,
-        references=clean, is_reference=is_reference,
-        x0_transform=WarpAnchor(condition if anchor_condition is None else anchor_condition, torch.tensor(meta.background) * 2.0 - 1.0, math.ceil(anchor_from * steps)),
-        progress=progress, desc="novel views",
+        references=clean, is_reference=is_reference, x0_transform=anchor, progress=progress, desc="novel views",
     )
     out = ((sample + 1.0) / 2.0).clamp(0.0, 1.0)
+    if palettes is not None:
+        anchored = anchor.valid if anchor.step > anchor.start_step else torch.zeros_like(anchor.valid)
+        background = torch.tensor(meta.background).view(1, 3, 1, 1)
+        foreground = ((out - background).abs().amax(dim=1, keepdim=True) > FOREGROUND_THRESHOLD) & ~anchored
+        for index, palette in enumerate(palettes):
+            part = slice(index * frames, (index + 1) * frames)
+            matched = match_palette_by_mask(out[part], foreground[part], palette, meta.background)
+            out[part] = torch.where(anchored[part], out[part], matched)
     out[is_reference] = references.float()  # exact: no [-1, 1] round trip
     return out
+
+
+def reference_palette(rgb: Tensor, alpha: Tensor, background: Sequence[float]) -> Tensor:
+    """The colours (K, 3) of references ``rgb`` (R, 3, S, S) over ``background`` with coverage ``alpha``
+    (R, S, S): their un-composited colours where mostly covered (``data.foreground.colour_palette``)."""
+    coverage = alpha.float()[:, None]
+    return colour_palette(uncomposite(rgb.float(), coverage, background), coverage)
 
 
 # ------------------------------------------------------------------------------------------- data
