@@ -347,13 +347,15 @@ def relit_warp(colour: Tensor, depth: Tensor, ref_c2w: Tensor, ref_fovy: Tensor,
     each target pixel's colour is that albedo times its shade as the target sees it. Not in
     MVGenMaster, whose photos share one world-fixed light; here the light turns with the camera, so a
     copied colour is wrong by the change of shade (docs/nvs.md)."""
+    def shade(normals: Tensor, cameras: Tensor) -> Tensor:  # (B, H, W, 3) world normals seen by c2w (B, 4, 4) -> (B, 1, H, W)
+        per_pixel = cameras[:, :3, :3].float().repeat_interleave(normals.shape[1] * normals.shape[2], dim=0)
+        return light.shade(normals.reshape(-1, 3), per_pixel).reshape(normals.shape[0], 1, *normals.shape[1:3])
+
     normals = depth_normals(depth, ref_c2w, ref_fovy)
-    shade = torch.stack([light.shade(n.reshape(-1, 3), r[:3, :3]).reshape(n.shape[:2]) for n, r in zip(normals, ref_c2w.float(), strict=True)])
-    albedo = colour / shade[:, None].clamp_min(1e-3)
+    albedo = colour / shade(normals, ref_c2w).clamp_min(1e-3)
     warped = warp_references(torch.cat([albedo, normals.permute(0, 3, 1, 2)], dim=1), depth, ref_c2w, ref_fovy, c2w, fovy, size, **splatting)
     target_normals = F.normalize(warped["values"][:, 3:], dim=1).permute(0, 2, 3, 1)
-    target_shade = torch.stack([light.shade(n.reshape(-1, 3), r[:3, :3]).reshape(n.shape[:2]) for n, r in zip(target_normals, c2w.float(), strict=True)])
-    warped["values"] = (warped["values"][:, :3] * target_shade[:, None]).clamp(0.0, 1.0)
+    warped["values"] = (warped["values"][:, :3] * shade(target_normals, c2w)).clamp(0.0, 1.0)
     return warped
 
 
