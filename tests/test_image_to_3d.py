@@ -223,7 +223,7 @@ def test_training_with_rendering_workers_trains_and_exports(tmp_path: Path, monk
 
     monkeypatch.setattr(image_to_views, "_target_mean", lambda meta, generator: [0.8, 0.8, 0.8, -0.7])
     folder = train(TrainConfig(stage="eps1", out=tmp_path / "run", steps=2, objects_per_step=1, train_targets=2,
-                               ckpt_every=1, quality_assets=0, warmup=1, workers=1))
+                               ckpt_every=1, quality_assets=0, warmup=1, workers=1, stretch=0.5))
     state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert state["step"] == 2 and all(v.device.type == "cpu" for v in state["trained"].values())
     losses = [float(line.split(",")[1]) for line in (tmp_path / "run" / "log.csv").read_text().splitlines()]
@@ -277,3 +277,40 @@ def test_generated_views_take_the_inputs_colours_when_matching() -> None:
     alpha = matched[:, 3][covered][:, None]
     assert torch.allclose((straight - (1.0 - alpha)) / alpha, colour.expand_as(straight), atol=1.5 / 63)
     assert not torch.allclose(raw[:, :3], matched[:, :3])
+
+
+def test_eval_sampling_arms_parse_and_name_a_bad_setting(capsys: pytest.CaptureFixture) -> None:
+    from threestudio_mv.eval.image_to_3d import main, parse_sampling
+
+    assert parse_sampling("guidance_scale=2,num_inference_steps=10") == {"guidance_scale": 2.0, "num_inference_steps": 10}
+    for spec, named in (("cfg=2", "'cfg'"), ("eta=high", "'eta'")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--sampling-arm", spec])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and named in error, error
+
+
+def test_stretched_training_objects_change_shape_and_keep_the_box() -> None:
+    from threestudio_mv.data.procedural.captions import parse_caption
+    from threestudio_mv.models.mvdiffusion.image_to_views import stretch_factors
+
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.stack([stretch_factors(0.6, generator) for _ in range(200)])
+    unchanged = (scales == 1.0).all(dim=1)
+    assert 0.3 < float(unchanged.float().mean()) < 0.7  # about half the objects keep their shape
+    assert torch.allclose(scales.max(dim=1).values, torch.ones(200))  # the longest axis keeps the box filled
+    assert float(scales.min()) >= 0.4 - 1e-6
+    assert torch.equal(stretch_factors(0.0, generator), torch.ones(3))
+    asset = parse_caption("a red cube")
+    lo, hi = asset.stretched([1.0, 0.5, 1.0]).bounds()
+    base_lo, base_hi = asset.bounds()
+    assert float(hi[1] - lo[1]) == pytest.approx(0.5 * float(base_hi[1] - base_lo[1]), rel=1e-4)
+    meta = ImageToViewsMetadata(image_size=SIZE)
+    batch = training_batch(["a red cube", "a blue mug"], 1, 3, meta, torch.Generator().manual_seed(1), stretch=0.6)
+    assert batch["clean"].shape == (8, 4, SIZE, SIZE) and batch["num_views"] == 4
+    from threestudio_mv.models.mvdiffusion.image_to_views import train_main
+    from threestudio_mv.utils.errors import UserError
+
+    with pytest.raises(UserError, match="--stretch"):
+        train_main(["--stage", "vmix", "--out", "unused", "--steps", "1", "--stretch", "1.5"])

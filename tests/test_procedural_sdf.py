@@ -162,3 +162,19 @@ def test_spec_round_trip_preserves_distances() -> None:
     rebuilt = sdf.node_from_spec(tree.to_spec())
     points = torch.rand(500, 3) - 0.5
     assert torch.allclose(tree.distance(points), rebuilt.distance(points), atol=1e-4)
+
+
+def test_stretch_moves_the_surface_keeps_parts_and_bounds_the_distance() -> None:
+    ball = sdf.Primitive("sphere", {"radius": 0.4}, "body")
+    stretched = sdf.Stretch(ball, (1.0, 0.5, 0.8))
+    on_surface = torch.tensor([[0.4, 0.0, 0.0], [0.0, 0.2, 0.0], [0.0, 0.0, 0.32]])
+    assert torch.allclose(stretched.distance(on_surface), torch.zeros(3), atol=1e-6)
+    assert float(stretched.distance(torch.tensor([[0.0, 0.3, 0.0]]))[0]) > 0.0  # inside the ball, outside the squashed one
+    # A lower bound of the true distance (safe for sphere tracing): from (0, 0.5, 0) the surface is 0.3 away.
+    assert 0.0 < float(stretched.distance(torch.tensor([[0.0, 0.5, 0.0]]))[0]) <= 0.3 + 1e-6
+    _, part = stretched.distance_and_part(on_surface, {"body": 3})
+    assert part.tolist() == [3, 3, 3]
+    lo, hi = stretched.bounds()
+    assert lo.tolist() == pytest.approx([-0.4, -0.2, -0.32]) and hi.tolist() == pytest.approx([0.4, 0.2, 0.32])
+    points = torch.rand(200, 3) - 0.5
+    assert torch.allclose(sdf.node_from_spec(stretched.to_spec()).distance(points), stretched.distance(points))

@@ -3,6 +3,7 @@ on outside meshes, against two baselines, in one run.
 
     python -m threestudio_mv.eval.image_to_3d [--model DIR] [--assets 3] [--inputs 1 2 4]
         [--baseline-inputs 1 2 4] [--meshes teddy:brown blub:orange] [--out DIR] [--jobs 2]
+        [--sampling-arm guidance_scale=2 ...]
 
 Per object (a held-out caption, or an outside mesh coloured with a named colour), 4 input images at
 random poses over the training ranges (the first at a random azimuth), rendered at 64 px and written
@@ -16,6 +17,9 @@ as RGBA PNGs. For each input count K:
 - **no global attention** (K = 1 only): the same model with per-view attention; views scored alike.
 - **no colour match** (K = 1 only, when the model matches its views to the inputs' colours): the
   model's own colours; views scored alike.
+- **sampling KEY=VALUE,...** (K = 1 only, one per ``--sampling-arm``): the same model sampled with other
+  settings (``guidance_scale``, ``num_inference_steps``, ``eta``), e.g. the settings before a change of
+  the folder's defaults: the same run's baseline for that change; views scored alike.
 - **posed inputs** (the ``--baseline-inputs`` counts): ``configs/reconstruction.yaml`` fitted to the
   K inputs alone at their TRUE cameras (which this method never gets), with the same fitting settings
   (steps, rays, size); mesh scored alike.
@@ -51,6 +55,7 @@ from threestudio_mv.utils.io import image_grid, save_image, save_json
 from threestudio_mv.utils.trial import run_trial, thread_env
 
 INPUT_SIZE = 64
+SAMPLING_KEYS = {"guidance_scale": float, "num_inference_steps": int, "eta": float}
 # The fitting settings of configs/image-to-3d.yaml, given to the posed-inputs baseline too.
 FIT_OVERRIDES = ["data.rays_per_batch=2048", "system.exporter.texture_size=512"]
 
@@ -144,6 +149,10 @@ def evaluate_subject(
         unmatched = generate_views(model, first, args.seed, match_colours=False)
         rows.append({"subject": subject.name, "kind": kind, "method": "no colour match", "inputs": 1,
                      **{f"views_{k}": v for k, v in rgba_view_scores(unmatched, truth, meta.background).items()}})
+    for spec in args.sampling_arm:
+        views = generate_views(model, first, args.seed, **parse_sampling(spec))
+        rows.append({"subject": subject.name, "kind": kind, "method": f"sampling {spec}", "inputs": 1,
+                     **{f"views_{k}": v for k, v in rgba_view_scores(views, truth, meta.background).items()}})
     return {"rows": rows, "sheet": sheet}
 
 
@@ -163,6 +172,22 @@ def summarise(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     return summary
 
 
+def parse_sampling(spec: str) -> Dict[str, Any]:
+    """``"guidance_scale=2,eta=0.5"`` -> ``{"guidance_scale": 2.0, "eta": 0.5}`` (keyword arguments of
+    :func:`generate_views`); a UserError naming a bad key or value."""
+    settings: Dict[str, Any] = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in SAMPLING_KEYS:
+            raise UserError(f"--sampling-arm '{spec}': unknown setting '{key}'; use {', '.join(SAMPLING_KEYS)} as KEY=VALUE")
+        try:
+            settings[key] = SAMPLING_KEYS[key](value)
+        except ValueError:
+            raise UserError(f"--sampling-arm '{spec}': '{key}' needs a {SAMPLING_KEYS[key].__name__}, got '{value}'") from None
+    return settings
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m threestudio_mv.eval.image_to_3d", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,7 +203,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="trials run at once")
     parser.add_argument("--threads", type=int, default=1, help="threads per trial")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sampling-arm", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="an extra views-only arm with 1 input: the model sampled with these settings "
+                        f"({', '.join(SAMPLING_KEYS)}), e.g. guidance_scale=2; repeatable")
     args = parser.parse_args(argv)
+    for spec in args.sampling_arm:
+        parse_sampling(spec)
     if 1 not in args.inputs:
         raise UserError("--inputs must include 1 (the ablation and the sheet use one input)")
     if max(args.inputs + args.baseline_inputs) > 4:

@@ -12,13 +12,13 @@ Three kinds of asset, each named by a key tuple:
 """
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from threestudio_mv.data.procedural.colours import NAMED_COLOURS
-from threestudio_mv.data.procedural.sdf import Primitive, SDFNode, SmoothUnion, Subtract, Union
+from threestudio_mv.data.procedural.sdf import Primitive, SDFNode, SmoothUnion, Stretch, Subtract, Union
 
 SHAPES = ("sphere", "cube", "cylinder", "cone", "torus", "capsule", "pyramid", "ellipsoid")
 STACK_TOP_SHAPES = ("sphere", "cube", "cylinder", "cone", "pyramid")
@@ -335,6 +335,11 @@ class Asset:
         """Conservative axis-aligned bounding box (lo (3,), hi (3,)) as float tensors."""
         lo, hi = self.tree.bounds()
         return torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+
+    def stretched(self, scale: Sequence[float]) -> "Asset":
+        """The same asset scaled by ``scale`` (x, y, z) about its centre (shape variety for training;
+        its caption stays: the colours and the kind of object do not change)."""
+        return Asset(self.caption, self.key, Stretch(self.tree, tuple(float(s) for s in scale)), dict(self.colour_names))
 
     def paraphrases(self, count: int = 8) -> List[str]:
         """Up to ``count`` deterministic rewordings of the caption that parse back to this asset."""

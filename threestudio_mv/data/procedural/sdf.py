@@ -356,6 +356,39 @@ class Intersect(Subtract):
         return {"op": "intersect", "children": [self.base.to_spec(), self.cutter.to_spec()]}
 
 
+@dataclass(eq=False)
+class Stretch(SDFNode):
+    """``child`` scaled by ``scale`` (3,) along the world axes about the origin. The distance is the
+    child's at ``p / scale`` times the smallest scale: a lower bound of the true distance, so sphere
+    tracing stays safe, and its zero set is exactly the stretched surface."""
+
+    child: SDFNode
+    scale: Vec3
+
+    def _inner(self, points: Tensor) -> Tuple[Tensor, float]:
+        scale = torch.tensor(self.scale, dtype=points.dtype, device=points.device)
+        return points / scale, float(min(self.scale))
+
+    def distance(self, points: Tensor) -> Tensor:
+        inner, factor = self._inner(points)
+        return self.child.distance(inner) * factor
+
+    def distance_and_part(self, points: Tensor, part_ids: Dict[str, int]) -> Tuple[Tensor, Tensor]:
+        inner, factor = self._inner(points)
+        distance, part = self.child.distance_and_part(inner, part_ids)
+        return distance * factor, part
+
+    def bounds(self) -> Bounds:
+        lo, hi = self.child.bounds()
+        return np.asarray(lo) * np.array(self.scale), np.asarray(hi) * np.array(self.scale)
+
+    def leaves(self) -> Iterator[Primitive]:
+        yield from self.child.leaves()
+
+    def to_spec(self) -> dict:
+        return {"op": "stretch", "scale": _round_list(self.scale), "children": [self.child.to_spec()]}
+
+
 def node_from_spec(spec: dict) -> SDFNode:
     """Rebuild a tree from :meth:`SDFNode.to_spec` output."""
     if "shape" in spec:
@@ -377,4 +410,6 @@ def node_from_spec(spec: dict) -> SDFNode:
         return Subtract(*children)
     if op == "intersect":
         return Intersect(*children)
+    if op == "stretch":
+        return Stretch(children[0], tuple(spec["scale"]))
     raise ValueError(f"unknown CSG op '{op}'")

@@ -346,15 +346,30 @@ def render_targets(asset: Any, meta: ImageToViewsMetadata, first_azimuth: float,
     return torch.cat([out["rgb_fg"] * out["alpha"][..., None], out["alpha"][..., None]], dim=-1)
 
 
+def stretch_factors(stretch: float, generator: torch.Generator) -> Tensor:
+    """Per-axis scales (3,) for :meth:`Asset.stretched`: with probability 1/2 each axis is shortened by up
+    to ``stretch`` (uniform), the longest kept at 1 so the object still fills the canonical box; else
+    (1, 1, 1). Shape variety beyond the procedural templates, for inputs of shapes never seen."""
+    draws = torch.rand(4, generator=generator)
+    if stretch <= 0.0 or draws[0] < 0.5:
+        return torch.ones(3)
+    scale = 1.0 - stretch * draws[1:]
+    return scale / scale.max()
+
+
 def training_batch(
-    captions: Sequence[str], n_inputs: int, n_train_targets: int, meta: ImageToViewsMetadata, generator: torch.Generator
+    captions: Sequence[str], n_inputs: int, n_train_targets: int, meta: ImageToViewsMetadata, generator: torch.Generator,
+    stretch: float = 0.0,
 ) -> Dict[str, Any]:
     """One training step's frames: per caption ``n_inputs`` conditions at random poses, then a random
-    subset of ``n_train_targets`` of the targets (view dropout). ``clean`` (B*F, 4, S, S) in [-1, 1],
-    ``is_reference``, ``target_index`` (B*F,) and ``num_views`` F."""
+    subset of ``n_train_targets`` of the targets (view dropout). ``stretch`` > 0: each object may be
+    stretched (:func:`stretch_factors`). ``clean`` (B*F, 4, S, S) in [-1, 1], ``is_reference``,
+    ``target_index`` (B*F,) and ``num_views`` F."""
     frames, refs, indices = [], [], []
     for caption in captions:
         asset = parse_caption(caption)
+        if stretch > 0.0:
+            asset = asset.stretched(stretch_factors(stretch, generator).tolist())
         cameras = random_input_cameras(max(1, n_inputs), generator)
         ids = torch.randperm(meta.n_targets, generator=generator)[:n_train_targets].tolist()
         parts = [render_targets(asset, meta, float(cameras["azimuth"][0]), ids)]
@@ -425,6 +440,7 @@ class TrainConfig:
     command: str = ""
     device: str = "cpu"  # where the UNet trains; the data is rendered on the CPU
     workers: int = 0  # >0: render the batches in that many DataLoader processes (feeds a GPU; not bit-reproducible on resume)
+    stretch: float = 0.0  # >0: half the objects shortened along random axes by up to this share (stretch_factors)
 
 
 def _target_mean(meta: ImageToViewsMetadata, generator: torch.Generator, count: int = 32) -> List[float]:
@@ -446,7 +462,7 @@ def _draw_batch(cfg: TrainConfig, meta: ImageToViewsMetadata, captions: Sequence
     """One step's training batch: condition count (0 for the CFG dropout), objects, renders."""
     n_inputs = 0 if rng.random() < cfg.cond_drop else _stage_inputs(cfg.stage, meta.max_inputs, rng)
     picked = [captions[rng.randrange(len(captions))] for _ in range(cfg.objects_per_step)]
-    return training_batch(picked, n_inputs, cfg.train_targets, meta, generator)
+    return training_batch(picked, n_inputs, cfg.train_targets, meta, generator, cfg.stretch)
 
 
 class _RenderedBatches(IterableDataset):
@@ -547,7 +563,11 @@ def train_main(argv: List[str]) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="where the UNet trains, e.g. cuda")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader processes rendering the batches (for a GPU)")
+    parser.add_argument("--stretch", type=float, default=0.0,
+                        help="shape variety: half the objects shortened along random axes by up to this share (0..0.9)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.stretch <= 0.9:
+        raise UserError(f"--stretch must be in 0..0.9, got {args.stretch}")
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if not 1 <= args.train_targets <= 16:
@@ -557,6 +577,6 @@ def train_main(argv: List[str]) -> None:
         stage=args.stage, out=args.out, steps=args.steps, init=args.init, objects_per_step=args.objects_per_step,
         train_targets=args.train_targets, lr=args.lr, ckpt_every=args.ckpt_every, quality_assets=args.quality_assets,
         seed=args.seed, command="python -m threestudio_mv.i2mv train " + " ".join(argv), device=args.device,
-        workers=args.workers,
+        workers=args.workers, stretch=args.stretch,
     )
     print(train(cfg))
