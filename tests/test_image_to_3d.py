@@ -314,3 +314,35 @@ def test_stretched_training_objects_change_shape_and_keep_the_box() -> None:
 
     with pytest.raises(UserError, match="--stretch"):
         train_main(["--stage", "vmix", "--out", "unused", "--steps", "1", "--stretch", "1.5"])
+    with pytest.raises(UserError, match="--recolour"):
+        train_main(["--stage", "vmix", "--out", "unused", "--steps", "1", "--recolour", "2"])
+
+
+def test_recoloured_training_objects_keep_their_shape_and_change_colour() -> None:
+    from threestudio_mv.data.procedural.captions import parse_caption
+    from threestudio_mv.data.procedural.colours import NAMED_COLOURS
+    from threestudio_mv.models.mvdiffusion.image_to_views import random_colours
+
+    asset = parse_caption("a pink car with a white roof")
+    generator = torch.Generator().manual_seed(0)
+    draws = [random_colours(asset.parts, generator) for _ in range(100)]
+    single = [len(set(d.values())) == 1 for d in draws]
+    assert 0.3 < np.mean(single) < 0.7 and all(set(d) == set(asset.parts) for d in draws)
+    recoloured = asset.recoloured({part: "green" for part in asset.parts})
+    points = torch.rand(300, 3) - 0.5
+    assert torch.equal(recoloured.sdf(points), asset.sdf(points))
+    assert torch.allclose(recoloured.albedo(points), recoloured.palette()[0].expand(300, 3))
+    with pytest.raises(ValueError, match="parts"):
+        asset.recoloured({"body": "green"})
+    meta = ImageToViewsMetadata(image_size=SIZE)
+
+    def foreground_colour(recolour: float, seed: int) -> torch.Tensor:
+        clean = training_batch(["a pink car"], 1, 2, meta, torch.Generator().manual_seed(seed), recolour=recolour)["clean"]
+        inside = clean[:, 3] > 0.9
+        colour = ((clean[:, :3] + 1) / 2).permute(0, 2, 3, 1)[inside].median(dim=0).values
+        return colour / colour.sum()  # chromaticity: the shading scales all three channels
+
+    pink = torch.tensor(NAMED_COLOURS["pink"])
+    pink = pink / pink.sum()
+    assert all(float((foreground_colour(0.0, seed) - pink).abs().max()) < 0.03 for seed in range(3))
+    assert any(float((foreground_colour(1.0, seed) - pink).abs().max()) > 0.1 for seed in range(3))

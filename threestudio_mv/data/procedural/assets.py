@@ -341,6 +341,12 @@ class Asset:
         its caption stays: the colours and the kind of object do not change)."""
         return Asset(self.caption, self.key, Stretch(self.tree, tuple(float(s) for s in scale)), dict(self.colour_names))
 
+    def recoloured(self, colour_names: Dict[str, str]) -> "Asset":
+        """The same shape with other part colours (``colour_names``: part -> colour name, every part)."""
+        if set(colour_names) != set(self.colour_names) or not set(colour_names.values()) <= set(NAMED_COLOURS):
+            raise ValueError(f"recoloured needs a named colour for each of the parts {self.parts}, got {colour_names}")
+        return Asset(self.caption, self.key, self.tree, dict(colour_names))
+
     def paraphrases(self, count: int = 8) -> List[str]:
         """Up to ``count`` deterministic rewordings of the caption that parse back to this asset."""
         from threestudio_mv.data.procedural.captions import paraphrases

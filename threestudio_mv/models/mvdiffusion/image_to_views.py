@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from threestudio_mv.data.foreground import colour_palette, frame_image, match_palette, uncomposite
 from threestudio_mv.data.procedural.captions import parse_caption, vocabulary
+from threestudio_mv.data.procedural.colours import NAMED_COLOURS
 from threestudio_mv.data.procedural.dataset import BACKGROUND, ELEVATION_RANGE, FOVY_RANGE, RELATIVE_DISTANCE_RANGE
 from threestudio_mv.data.procedural.render import render_views
 from threestudio_mv.models.mvdiffusion.attention import multiview_processors, per_view_processors
@@ -357,19 +358,32 @@ def stretch_factors(stretch: float, generator: torch.Generator) -> Tensor:
     return scale / scale.max()
 
 
+def random_colours(parts: Sequence[str], generator: torch.Generator) -> Dict[str, str]:
+    """Named colours for ``parts``: half the time one colour for all, else each part its own."""
+    names = list(NAMED_COLOURS)
+    draw = lambda: names[int(torch.randint(len(names), (1,), generator=generator))]  # noqa: E731
+    if float(torch.rand(1, generator=generator)) < 0.5:
+        colour = draw()
+        return {part: colour for part in parts}
+    return {part: draw() for part in parts}
+
+
 def training_batch(
     captions: Sequence[str], n_inputs: int, n_train_targets: int, meta: ImageToViewsMetadata, generator: torch.Generator,
-    stretch: float = 0.0,
+    stretch: float = 0.0, recolour: float = 0.0,
 ) -> Dict[str, Any]:
     """One training step's frames: per caption ``n_inputs`` conditions at random poses, then a random
     subset of ``n_train_targets`` of the targets (view dropout). ``stretch`` > 0: each object may be
-    stretched (:func:`stretch_factors`). ``clean`` (B*F, 4, S, S) in [-1, 1], ``is_reference``,
-    ``target_index`` (B*F,) and ``num_views`` F."""
+    stretched (:func:`stretch_factors`); ``recolour``: the share of objects given random colours
+    (:func:`random_colours`: shape learnt apart from the colours its captions pair it with). ``clean``
+    (B*F, 4, S, S) in [-1, 1], ``is_reference``, ``target_index`` (B*F,) and ``num_views`` F."""
     frames, refs, indices = [], [], []
     for caption in captions:
         asset = parse_caption(caption)
         if stretch > 0.0:
             asset = asset.stretched(stretch_factors(stretch, generator).tolist())
+        if recolour > 0.0 and float(torch.rand(1, generator=generator)) < recolour:
+            asset = asset.recoloured(random_colours(asset.parts, generator))
         cameras = random_input_cameras(max(1, n_inputs), generator)
         ids = torch.randperm(meta.n_targets, generator=generator)[:n_train_targets].tolist()
         parts = [render_targets(asset, meta, float(cameras["azimuth"][0]), ids)]
@@ -441,6 +455,7 @@ class TrainConfig:
     device: str = "cpu"  # where the UNet trains; the data is rendered on the CPU
     workers: int = 0  # >0: render the batches in that many DataLoader processes (feeds a GPU; not bit-reproducible on resume)
     stretch: float = 0.0  # >0: half the objects shortened along random axes by up to this share (stretch_factors)
+    recolour: float = 0.0  # share of the objects given random named colours (random_colours)
 
 
 def _target_mean(meta: ImageToViewsMetadata, generator: torch.Generator, count: int = 32) -> List[float]:
@@ -462,7 +477,7 @@ def _draw_batch(cfg: TrainConfig, meta: ImageToViewsMetadata, captions: Sequence
     """One step's training batch: condition count (0 for the CFG dropout), objects, renders."""
     n_inputs = 0 if rng.random() < cfg.cond_drop else _stage_inputs(cfg.stage, meta.max_inputs, rng)
     picked = [captions[rng.randrange(len(captions))] for _ in range(cfg.objects_per_step)]
-    return training_batch(picked, n_inputs, cfg.train_targets, meta, generator, cfg.stretch)
+    return training_batch(picked, n_inputs, cfg.train_targets, meta, generator, cfg.stretch, cfg.recolour)
 
 
 class _RenderedBatches(IterableDataset):
@@ -565,9 +580,12 @@ def train_main(argv: List[str]) -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader processes rendering the batches (for a GPU)")
     parser.add_argument("--stretch", type=float, default=0.0,
                         help="shape variety: half the objects shortened along random axes by up to this share (0..0.9)")
+    parser.add_argument("--recolour", type=float, default=0.0, help="share of the objects given random colours (0..1)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.stretch <= 0.9:
         raise UserError(f"--stretch must be in 0..0.9, got {args.stretch}")
+    if not 0.0 <= args.recolour <= 1.0:
+        raise UserError(f"--recolour must be in 0..1, got {args.recolour}")
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if not 1 <= args.train_targets <= 16:
@@ -577,6 +595,6 @@ def train_main(argv: List[str]) -> None:
         stage=args.stage, out=args.out, steps=args.steps, init=args.init, objects_per_step=args.objects_per_step,
         train_targets=args.train_targets, lr=args.lr, ckpt_every=args.ckpt_every, quality_assets=args.quality_assets,
         seed=args.seed, command="python -m threestudio_mv.i2mv train " + " ".join(argv), device=args.device,
-        workers=args.workers, stretch=args.stretch,
+        workers=args.workers, stretch=args.stretch, recolour=args.recolour,
     )
     print(train(cfg))
