@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from threestudio_mv.data.foreground import load_object_image
 from threestudio_mv.data.posed_images import load_posed_images
@@ -139,20 +140,22 @@ def evaluate_subject(
                     sheet.append([blank] * 4 + [over(t) for t in truth[: meta.target_azimuths]])
             scores = subject_scores(mesh, subject)
             rows.append({**row, **{f"mesh_{k}": round(float(scores[k]), 4) for k in ("iou", "chamfer_l1", "delta_e")}})
-    # The ablation: global attention off (the targets see neither the inputs nor each other).
+    # The views-only arms, one input each: the model sampled another way, scored like ours.
     first = load_object_image(root / "inputs-1" / "input_0.png", meta.image_size, meta.object_fraction)[None]
-    ablated = generate_views(model, first, args.seed, global_attention=False)
-    rows.append({"subject": subject.name, "kind": kind, "method": "no global attention", "inputs": 1,
-                 **{f"views_{k}": v for k, v in rgba_view_scores(ablated, truth, meta.background).items()}})
+
+    def views_arm(method: str, **sampling: Any) -> Tensor:
+        views = generate_views(model, first, args.seed, **sampling)
+        rows.append({"subject": subject.name, "kind": kind, "method": method, "inputs": 1,
+                     **{f"views_{k}": v for k, v in rgba_view_scores(views, truth, meta.background).items()}})
+        return views
+
+    # The ablation: global attention off (the targets see neither the inputs nor each other).
+    ablated = views_arm("no global attention", global_attention=False)
     sheet.append([torch.ones_like(over(first[0]))] * 4 + [v[:3].permute(1, 2, 0) for v in ablated[: meta.target_azimuths]])
     if meta.match_input_colours:  # the model's own colours: the views before they are matched to the input's palette
-        unmatched = generate_views(model, first, args.seed, match_colours=False)
-        rows.append({"subject": subject.name, "kind": kind, "method": "no colour match", "inputs": 1,
-                     **{f"views_{k}": v for k, v in rgba_view_scores(unmatched, truth, meta.background).items()}})
+        views_arm("no colour match", match_colours=False)
     for spec in args.sampling_arm:
-        views = generate_views(model, first, args.seed, **parse_sampling(spec))
-        rows.append({"subject": subject.name, "kind": kind, "method": f"sampling {spec}", "inputs": 1,
-                     **{f"views_{k}": v for k, v in rgba_view_scores(views, truth, meta.background).items()}})
+        views_arm(f"sampling {spec}", **parse_sampling(spec))
     return {"rows": rows, "sheet": sheet}
 
 

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from threestudio_mv.data.foreground import colour_palette, frame_image, match_palette, uncomposite
 from threestudio_mv.data.procedural.captions import parse_caption, vocabulary
-from threestudio_mv.data.procedural.colours import NAMED_COLOURS
+from threestudio_mv.data.procedural.colours import COLOUR_NAMES
 from threestudio_mv.data.procedural.dataset import BACKGROUND, ELEVATION_RANGE, FOVY_RANGE, RELATIVE_DISTANCE_RANGE
 from threestudio_mv.data.procedural.render import render_views
 from threestudio_mv.models.mvdiffusion.attention import multiview_processors, per_view_processors
@@ -360,8 +360,7 @@ def stretch_factors(stretch: float, generator: torch.Generator) -> Tensor:
 
 def random_colours(parts: Sequence[str], generator: torch.Generator) -> Dict[str, str]:
     """Named colours for ``parts``: half the time one colour for all, else each part its own."""
-    names = list(NAMED_COLOURS)
-    draw = lambda: names[int(torch.randint(len(names), (1,), generator=generator))]  # noqa: E731
+    draw = lambda: COLOUR_NAMES[int(torch.randint(len(COLOUR_NAMES), (1,), generator=generator))]  # noqa: E731
     if float(torch.rand(1, generator=generator)) < 0.5:
         colour = draw()
         return {part: colour for part in parts}
