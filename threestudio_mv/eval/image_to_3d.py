@@ -221,6 +221,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from tqdm import tqdm
+
     from threestudio_mv.data.procedural.captions import vocabulary
 
     args = parse_args(argv)
@@ -231,13 +233,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     subjects = [("heldout", procedural_subject(captions[p])) for p in picks] + [("outside", mesh_subject(s, args.mesh_dir)) for s in args.meshes]
     rows: List[Dict[str, Any]] = []
     sheet: List[List[Any]] = []
-    for index, (kind, subject) in enumerate(subjects):
+    for index, (kind, subject) in enumerate(tqdm(subjects, desc="image-to-3D objects", unit="object")):
         run_args = args if kind == "heldout" else argparse.Namespace(**{**vars(args), "inputs": args.mesh_inputs, "baseline_inputs": args.mesh_inputs})
         result = evaluate_subject(subject, kind, index, model, args.model, run_args)
         rows.extend(result["rows"])
         sheet.extend(result["sheet"])
         save_json(Path(args.out) / "results.json", {"rows": rows, "summary": summarise(rows)})
-        print(f"{subject.name}: done", flush=True)
+        tqdm.write(f"{subject.name}: done")
     out = Path(args.out)
     save_image(out / "sheet.png", image_grid(sheet))
     summary = summarise(rows)
