@@ -28,6 +28,7 @@ Writes ``results.json`` (rows + summary) and ``sheet.png`` (per object and K: in
 views at elevation 0 | the true views), and prints the summary as JSON.
 """
 import argparse
+import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from threestudio_mv.data.foreground import load_object_image
 from threestudio_mv.data.posed_images import load_posed_images
@@ -221,8 +223,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from tqdm import tqdm
-
     from threestudio_mv.data.procedural.captions import vocabulary
 
     args = parse_args(argv)
@@ -244,8 +244,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     save_image(out / "sheet.png", image_grid(sheet))
     summary = summarise(rows)
     save_json(out / "results.json", {"rows": rows, "summary": summary, "model": args.model or "bundled i2mv-tiny"})
-    import json
-
     print(json.dumps(summary, indent=2))
 
 
